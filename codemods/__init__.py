@@ -1,0 +1,1 @@
+"""mtp-migrate: LibCST codemods that move MTP training loops onto weighted_mtp.utils."""

@@ -1,0 +1,265 @@
+"""compute_mtp_ce_loss against the plain per-head loop: values, gradients, options, errors."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mtp_reference import reference_mtp_ce_loss
+
+from weighted_mtp.utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted
+
+OUTPUTS = ("weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss")
+
+
+def make_batch(batch, seq, heads, vocab, *, seed=0, dtype=torch.float64, weights="2d", ignored_prefix=1,
+               padding=1, mask_dtype=torch.long):
+    """Logits, labels with an ignored prefix, an attention mask with right padding, weights."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(batch, seq, heads, vocab, generator=gen, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[:, :ignored_prefix] = -100
+    attention_mask = torch.ones(batch, seq, dtype=mask_dtype)
+    if padding:
+        attention_mask[-1, seq - padding:] = 0
+        labels[-1, seq - padding:] = -100
+    shape = {"2d": (batch, seq), "3d": (batch, seq, heads), None: None}[weights]
+    weight_tensor = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return logits, labels, attention_mask, weight_tensor
+
+
+def losses_and_grads(loss_fn, logits, labels, attention_mask, weights, **options):
+    """Outputs and d(sum of outputs, mixed)/d(logits, weights) of one loss implementation."""
+    logits = logits.detach().clone().requires_grad_(True)
+    weights = None if weights is None else weights.detach().clone().requires_grad_(True)
+    out = loss_fn(logits, labels, attention_mask, weights, **options)
+    mix = torch.linspace(0.5, 1.5, out["per_head_ce_loss"].numel(), dtype=out["per_head_ce_loss"].dtype)
+    total = out["weighted_ce_loss"] + 0.3 * out["unweighted_ce_loss"] + (mix * out["per_head_ce_loss"]).sum()
+    if total.requires_grad:  # the loop builds no graph when no head has a position (S == 1)
+        total.backward()
+
+    def grad_of(tensor):
+        return torch.zeros_like(tensor) if tensor.grad is None else tensor.grad
+
+    return out, grad_of(logits), None if weights is None else grad_of(weights)
+
+
+def assert_same(ours, reference, atol, rtol=0.0):
+    out, grad_logits, grad_weights = ours
+    ref_out, ref_grad_logits, ref_grad_weights = reference
+    for key in OUTPUTS:
+        torch.testing.assert_close(out[key], ref_out[key].to(out[key].dtype), atol=atol, rtol=rtol, msg=key)
+    torch.testing.assert_close(grad_logits, ref_grad_logits, atol=atol, rtol=rtol)
+    if ref_grad_weights is not None:
+        torch.testing.assert_close(grad_weights, ref_grad_weights, atol=atol, rtol=rtol)
+
+
+@st.composite
+def problems(draw):
+    heads = draw(st.integers(1, 4))
+    seq = draw(st.integers(1, 9))  # includes S <= n: heads with no positions at all
+    batch = draw(st.integers(1, 3))
+    weights = draw(st.sampled_from(["2d", "3d", None]))
+    options = {
+        "n_future": draw(st.one_of(st.none(), st.integers(1, heads))),
+        "mask_ignored_labels": draw(st.booleans()),
+        "normalize": draw(st.sampled_from(["mask", "weights"])),
+        "head_average": draw(st.sampled_from(["all", "valid"])),
+        "weight_alignment": "input" if weights == "3d" else draw(st.sampled_from(["target", "previous", "input"])),
+        "chunk_size": draw(st.sampled_from([None, 1, 2, 5])),
+    }
+    batch_kwargs = {
+        "seed": draw(st.integers(0, 2**16)),
+        "weights": weights,
+        "ignored_prefix": draw(st.integers(0, seq)),  # seq: everything ignored
+        "padding": draw(st.integers(0, seq)),
+        "mask_dtype": draw(st.sampled_from([torch.long, torch.bool, torch.float32])),
+    }
+    vocab = draw(st.integers(2, 7))
+    return make_batch(batch, seq, heads, vocab, **batch_kwargs), options
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_matches_reference_loop_fp64(problem):
+    inputs, options = problem
+    ours = losses_and_grads(compute_mtp_ce_loss, *inputs, **options)
+    options.pop("chunk_size")
+    reference = losses_and_grads(reference_mtp_ce_loss, *inputs, **options)
+    assert_same(ours, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", ["mask", "weights"])
+@pytest.mark.parametrize("head_average", ["all", "valid"])
+@pytest.mark.parametrize("weights", ["2d", "3d"])
+def test_gradcheck(normalize, head_average, weights):
+    logits, labels, attention_mask, weight_tensor = make_batch(2, 6, 3, 5, weights=weights, seed=3)
+    logits.requires_grad_(True)
+    weight_tensor.requires_grad_(True)
+    alignment = "input" if weights == "3d" else "previous"
+
+    def fn(x, w):
+        out = compute_mtp_ce_loss(x, labels, attention_mask, w, normalize=normalize, head_average=head_average,
+                                  weight_alignment=alignment, chunk_size=3)
+        return tuple(out[key] for key in OUTPUTS)
+
+    assert torch.autograd.gradcheck(fn, (logits, weight_tensor))
+
+
+def test_head_with_no_valid_token_and_everything_masked():
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
+    labels[:, 2] = -100  # head 2 at t=0 only; make head 3 fully invalid:
+    labels[:, 3:] = -100
+    labels[:, 3] = 1  # heads 1..3 see position 3; head 3 (k=3) sees positions 3..5
+    labels[:, 4:] = -100
+    out = compute_mtp_ce_loss(logits, labels, attention_mask, weights, head_average="valid")
+    ref = reference_mtp_ce_loss(logits, labels, attention_mask, weights, head_average="valid")
+    for key in OUTPUTS:
+        torch.testing.assert_close(out[key], ref[key], atol=1e-12, rtol=0)
+
+    attention_mask.zero_()
+    logits.requires_grad_(True)
+    out = compute_mtp_ce_loss(logits, labels, attention_mask, weights)
+    assert out["weighted_ce_loss"].item() == 0.0 and out["unweighted_ce_loss"].item() == 0.0
+    (out["weighted_ce_loss"] + out["unweighted_ce_loss"]).backward()
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_output_dtypes():
+    for dtype, expected in [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                            (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]:
+        out = compute_mtp_ce_loss(*make_batch(2, 5, 2, 4, dtype=dtype))
+        assert {out[key].dtype for key in OUTPUTS} == {expected}
+        assert out["weighted_ce_loss"].dim() == 0 and out["per_head_ce_loss"].shape == (2,)
+
+
+def test_unweighted_wrapper_equals_unweighted_output():
+    logits, labels, attention_mask, _ = make_batch(3, 7, 3, 6, seed=5)
+    loss = compute_mtp_ce_loss_unweighted(logits, labels, attention_mask, n_future=2, mask_ignored_labels=False)
+    ref = reference_mtp_ce_loss(logits, labels, attention_mask, n_future=2, mask_ignored_labels=False)
+    torch.testing.assert_close(loss, ref["unweighted_ce_loss"], atol=1e-12, rtol=0)
+
+
+def test_bf16_error_no_worse_than_loop():
+    """Against an fp64 run on the same bf16 values, our error must not exceed the loop's."""
+    logits, labels, attention_mask, weights = make_batch(4, 64, 4, 512, seed=11, dtype=torch.bfloat16)
+    exact = losses_and_grads(reference_mtp_ce_loss, logits.double(), labels, attention_mask, weights.double())
+    ours = losses_and_grads(compute_mtp_ce_loss, logits, labels, attention_mask, weights)
+    loop = losses_and_grads(reference_mtp_ce_loss, logits, labels, attention_mask, weights)
+    for key in OUTPUTS:
+        ours_err = (ours[0][key].double() - exact[0][key]).abs().max()
+        loop_err = (loop[0][key].double() - exact[0][key]).abs().max()
+        assert ours_err <= loop_err, key
+    for index in (1, 2):  # gradients of logits, then weights
+        ours_err = (ours[index].double() - exact[index]).norm()
+        loop_err = (loop[index].double() - exact[index]).norm()
+        assert ours_err <= loop_err
+    assert (ours[0]["weighted_ce_loss"].double() - exact[0]["weighted_ce_loss"]).abs() < 1e-5
+
+
+def test_non_contiguous_logits():
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5, seed=2)
+    # Vocab-major storage and a vocab slice of a wider tensor: neither is contiguous.
+    permuted = logits.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    padded = torch.cat([logits, torch.randn(2, 6, 3, 4, dtype=logits.dtype)], dim=-1)[..., :5]
+    reference = losses_and_grads(reference_mtp_ce_loss, logits, labels, attention_mask, weights)
+    for strided in (permuted, padded):
+        assert not strided.is_contiguous()
+        assert_same(losses_and_grads(compute_mtp_ce_loss, strided, labels, attention_mask, weights), reference, 1e-12)
+
+
+def test_chunk_size_does_not_change_result():
+    inputs = make_batch(3, 10, 3, 6, seed=7)
+    one_row = losses_and_grads(compute_mtp_ce_loss, *inputs, chunk_size=1)
+    for chunk_size in (4, 10_000, None):
+        assert_same(losses_and_grads(compute_mtp_ce_loss, *inputs, chunk_size=chunk_size), one_row, atol=1e-13)
+
+
+def test_no_grad_builds_no_graph_and_matches():
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
+    logits.requires_grad_(True)
+    with torch.no_grad():
+        out = compute_mtp_ce_loss(logits, labels, attention_mask, weights)
+    assert all(out[key].grad_fn is None and not out[key].requires_grad for key in OUTPUTS)
+    ref = reference_mtp_ce_loss(logits.detach(), labels, attention_mask, weights)
+    for key in OUTPUTS:
+        torch.testing.assert_close(out[key], ref[key], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_overwrite_logits_reuses_storage_and_matches(dtype):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 7, 8, dtype=torch.float64).to(dtype)
+    head = torch.randn(8, 3 * 5, dtype=torch.float64).to(dtype)
+    _, labels, attention_mask, weights = make_batch(2, 7, 3, 5)
+
+    def run(overwrite):
+        w = head.clone().requires_grad_(True)
+        logits = (hidden @ w).view(2, 7, 3, 5)
+        seen = []
+        logits.register_hook(lambda grad: seen.append(grad))
+        out = compute_mtp_ce_loss(logits, labels, attention_mask, weights.to(dtype), overwrite_logits=overwrite,
+                                  n_future=2)
+        (out["weighted_ce_loss"] + out["unweighted_ce_loss"]).backward()
+        return w.grad, seen[0], logits
+
+    grad_default, logits_grad, _ = run(False)
+    grad_overwrite, overwritten_grad, logits = run(True)
+    assert overwritten_grad.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(overwritten_grad, logits_grad, atol=0, rtol=0)
+    torch.testing.assert_close(grad_overwrite, grad_default, atol=0, rtol=0)
+
+
+def test_retain_graph_and_double_backward():
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
+    logits.requires_grad_(True)
+    loss = compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"]
+    loss.backward(retain_graph=True)
+    first = logits.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(logits.grad, 2 * first, atol=1e-15, rtol=0)
+
+    (grad,) = torch.autograd.grad(
+        compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"], logits, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="differentiated only once"):
+        grad.sum().backward()
+
+
+def test_weights_receive_gradient_only_when_requested():
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
+    logits.requires_grad_(True)
+    compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"].backward()
+    assert weights.grad is None and logits.grad is not None
+
+    weights.requires_grad_(True)
+    out = compute_mtp_ce_loss(logits.detach(), labels, attention_mask, weights)
+    out["unweighted_ce_loss"].backward()  # does not depend on the weights
+    assert torch.count_nonzero(weights.grad) == 0
+
+
+def _bad_calls():
+    logits, labels, mask, weights = make_batch(2, 5, 3, 4)
+    yield "logits", (logits[0], labels, mask), {}, ValueError
+    yield "logits", (logits.long(), labels, mask), {}, TypeError
+    yield "labels", (logits, labels[:, :4], mask), {}, ValueError
+    yield "labels", (logits, labels.double(), mask), {}, TypeError
+    yield "attention_mask", (logits, labels, mask[0]), {}, ValueError
+    yield "weights", (logits, labels, mask, weights[0]), {}, ValueError
+    yield "weights", (logits, labels, mask, weights.long()), {}, TypeError
+    yield "weight_alignment", (logits, labels, mask, torch.rand(2, 5, 3, dtype=torch.float64)), {}, ValueError
+    yield "weight_alignment", (logits, labels, mask, weights), {"weight_alignment": "next"}, ValueError
+    yield "normalize", (logits, labels, mask), {"normalize": "sum"}, ValueError
+    yield "head_average", (logits, labels, mask), {"head_average": "mean"}, ValueError
+    yield "n_future", (logits, labels, mask), {"n_future": 4}, ValueError
+    yield "n_future", (logits, labels, mask), {"n_future": 0}, ValueError
+    yield "chunk_size", (logits, labels, mask), {"chunk_size": 0}, ValueError
+    yield "overwrite_logits", (logits, labels, mask), {"overwrite_logits": "yes"}, TypeError
+    out_of_range = labels.clone()
+    out_of_range[0, 3] = 4
+    yield "labels", (logits, out_of_range, mask), {}, ValueError
+
+
+@pytest.mark.parametrize(("argument", "args", "kwargs", "error"), list(_bad_calls()))
+def test_bad_input_names_the_argument(argument, args, kwargs, error):
+    with pytest.raises(error, match=argument):
+        compute_mtp_ce_loss(*args, **kwargs)

@@ -1,0 +1,1 @@
+"""weighted_mtp: multi-token-prediction training utilities shipped by mtp-migrate."""

@@ -1,0 +1,386 @@
+"""Memory-efficient multi-token-prediction (MTP) cross-entropy.
+
+Logits are ``[batch, seq, n_future, vocab]``; head ``k-1`` at position ``t`` predicts
+the token at ``t+k``. This module replaces the per-head loop that pipelines inline::
+
+    for k in range(1, n_future + 1):
+        ce = F.cross_entropy(logits[:, :S-k, k-1].reshape(-1, V), labels[:, k:].reshape(-1), reduction="none")
+        ...  # mask, weight, normalise per head, average over heads
+
+with one ``torch.autograd.Function`` that never copies a head's logits. The forward
+walks each head over row chunks of the strided view and keeps only the per-token
+log-sum-exp; the backward rebuilds ``(softmax - onehot) * coef`` chunk by chunk
+straight into the gradient buffer. Peak extra memory is the gradient itself (1.0x the
+logits), or about zero with ``overwrite_logits=True``.
+
+This file depends on torch alone so that ``mtp-migrate`` can vendor it verbatim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"]
+
+_WEIGHT_ALIGNMENTS = ("target", "previous", "input")
+_NORMALIZE = ("mask", "weights")
+_HEAD_AVERAGE = ("all", "valid")
+# The automatic chunk keeps its one upcast buffer under 16 MiB in fp32 and under 1/32
+# of the logits, so the loss costs the gradient plus a few percent of L.
+_AUTO_CHUNK_ELEMENTS = 1 << 22
+_AUTO_CHUNK_FRACTION = 32
+
+
+def compute_mtp_ce_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    n_future: int | None = None,
+    ignore_index: int = -100,
+    weight_alignment: str = "target",
+    mask_ignored_labels: bool = True,
+    normalize: str = "mask",
+    head_average: str = "all",
+    overwrite_logits: bool = False,
+    chunk_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Weighted and unweighted MTP cross-entropy, exactly as the per-head loop computes it.
+
+    For head ``k = 1..n`` and positions ``t = 0..S-k-1``:
+
+    - ``ce[t] = CE(logits[:, t, k-1], labels[:, t+k])``, 0 where the label is ``ignore_index``;
+    - ``m[t] = attention_mask[:, t+k]``, times ``labels[:, t+k] != ignore_index`` when
+      ``mask_ignored_labels``;
+    - ``w[t]`` is ``weights[:, t+k]`` (``weight_alignment="target"``), ``weights[:, t+k-1]``
+      (``"previous"``) or ``weights[:, t]`` (``"input"``); 3-D weights ``[B, S, n]`` give
+      ``weights[:, t, k-1]`` and require ``"input"``; no weights give 1;
+    - ``weighted_k = sum(ce*w*m) / D_k`` with ``D_k = sum(m)`` (``normalize="mask"``) or
+      ``sum(w*m)`` (``"weights"``), and 0 when ``D_k == 0``;
+    - ``unweighted_k = sum(ce*m) / sum(m)``, 0 when ``sum(m) == 0``.
+
+    ``weighted_ce_loss`` averages ``weighted_k`` over all ``n`` heads (``head_average="all"``)
+    or over the heads with ``D_k > 0`` (``"valid"``). ``unweighted_ce_loss`` averages
+    ``unweighted_k`` over all heads and ``per_head_ce_loss`` holds them. The losses are
+    0-d tensors, fp64 for fp64 logits and fp32 otherwise, and all three outputs are
+    differentiable with respect to ``logits`` and, when they require grad, ``weights``.
+
+    Args:
+        logits: ``[B, S, n_heads, V]`` floating tensor; any strides.
+        labels: ``[B, S]`` integer tensor.
+        attention_mask: ``[B, S]`` 0/1 mask of any dtype.
+        weights: ``None``, ``[B, S]`` or ``[B, S, n]`` per-token weights.
+        n_future: number of heads to use (the first ``n_future``); default all.
+        chunk_size: rows (batch x positions) per chunk; ``None`` picks a size that keeps
+            the chunk's fp32 buffers near 16 MiB.
+        overwrite_logits: **the contents of ``logits`` are undefined after backward.**
+            The gradient is written into the logits' own storage, so the loss costs
+            almost no memory beyond its inputs. Use it only when nothing else reads the
+            logits after the loss (and never with ``retain_graph=True``: a second
+            backward raises).
+
+    Raises:
+        ValueError / TypeError: wrong ranks or shapes, non-integer labels, an unknown
+            option value, 3-D weights with an alignment other than ``"input"``, or (on
+            CPU) a label outside ``[0, V)`` other than ``ignore_index``.
+    """
+    n_future = _validate(
+        logits, labels, attention_mask, weights,
+        n_future=n_future, ignore_index=ignore_index, weight_alignment=weight_alignment,
+        mask_ignored_labels=mask_ignored_labels, normalize=normalize,
+        head_average=head_average, overwrite_logits=overwrite_logits, chunk_size=chunk_size,
+    )
+    weighted, unweighted, per_head = _MTPCrossEntropy.apply(
+        logits, weights, labels, attention_mask, n_future, ignore_index, weight_alignment,
+        mask_ignored_labels, normalize, head_average, overwrite_logits, chunk_size,
+    )
+    return {
+        "weighted_ce_loss": weighted,
+        "unweighted_ce_loss": unweighted,
+        "per_head_ce_loss": per_head,
+    }
+
+
+def compute_mtp_ce_loss_unweighted(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    n_future: int | None = None,
+    ignore_index: int = -100,
+    mask_ignored_labels: bool = True,
+    overwrite_logits: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``compute_mtp_ce_loss(...)["unweighted_ce_loss"]`` with no weights; same options."""
+    return compute_mtp_ce_loss(
+        logits, labels, attention_mask, None,
+        n_future=n_future, ignore_index=ignore_index,
+        mask_ignored_labels=mask_ignored_labels, overwrite_logits=overwrite_logits,
+        chunk_size=chunk_size,
+    )["unweighted_ce_loss"]
+
+
+def _validate(logits, labels, attention_mask, weights, *, n_future, ignore_index,
+              weight_alignment, mask_ignored_labels, normalize, head_average,
+              overwrite_logits, chunk_size) -> int:
+    """Check every argument; return the resolved ``n_future``."""
+    for name, value in (("logits", logits), ("labels", labels), ("attention_mask", attention_mask)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [batch, seq, n_future, vocab], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    batch, seq, n_heads, vocab = logits.shape
+    if labels.shape != (batch, seq):
+        raise ValueError(f"labels must have shape {(batch, seq)} to match logits, got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if attention_mask.shape != (batch, seq):
+        raise ValueError(
+            f"attention_mask must have shape {(batch, seq)} to match logits, got {tuple(attention_mask.shape)}"
+        )
+    if n_future is None:
+        n_future = n_heads
+    if isinstance(n_future, bool) or not isinstance(n_future, int) or not 1 <= n_future <= n_heads:
+        raise ValueError(f"n_future must be an int in [1, {n_heads}] (logits.shape[2]), got {n_future!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check_choice("weight_alignment", weight_alignment, _WEIGHT_ALIGNMENTS)
+    _check_choice("normalize", normalize, _NORMALIZE)
+    _check_choice("head_average", head_average, _HEAD_AVERAGE)
+    for name, value in (("mask_ignored_labels", mask_ignored_labels), ("overwrite_logits", overwrite_logits)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be floating point, got {weights.dtype}")
+        if weights.dim() == 2:
+            if weights.shape != (batch, seq):
+                raise ValueError(f"2-D weights must have shape {(batch, seq)}, got {tuple(weights.shape)}")
+        elif weights.dim() == 3:
+            if weights.shape[:2] != (batch, seq) or weights.shape[2] < n_future:
+                raise ValueError(
+                    f"3-D weights must have shape ({batch}, {seq}, >={n_future}), got {tuple(weights.shape)}"
+                )
+            if weight_alignment != "input":
+                raise ValueError(
+                    f"3-D (per-head) weights require weight_alignment='input', got {weight_alignment!r}"
+                )
+        else:
+            raise ValueError(f"weights must be 2-D [batch, seq] or 3-D [batch, seq, n_future], got {weights.dim()}-D")
+    for name, value in (("labels", labels), ("attention_mask", attention_mask), ("weights", weights)):
+        if value is not None and value.device != logits.device:
+            raise ValueError(f"{name} is on {value.device} but logits are on {logits.device}")
+    if labels.device.type == "cpu" and seq > 1:
+        # Only positions 1.. are ever targets. On CUDA this check would force a host sync.
+        targets = labels[:, 1:]
+        bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+        if bool(bad.any()):
+            value = int(targets[bad][0])
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, found {value}")
+    return n_future
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _aligned_weights(weights: torch.Tensor, k: int, length: int, alignment: str) -> torch.Tensor:
+    """The weights that head ``k`` (1-based) applies to positions ``t = 0..length-1``."""
+    if weights.dim() == 3:
+        return weights[:, :length, k - 1]
+    start = {"target": k, "previous": k - 1, "input": 0}[alignment]
+    return weights[:, start:start + length]
+
+
+def _position_chunks(length: int, positions_per_chunk: int):
+    for start in range(0, length, positions_per_chunk):
+        yield start, min(start + positions_per_chunk, length)
+
+
+def _upcast_minus(chunk: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``chunk - shift`` in ``shift``'s dtype with one buffer (CPU promotion would copy twice)."""
+    if chunk.dtype == shift.dtype:
+        return chunk - shift
+    return chunk.to(shift.dtype).sub_(shift)
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` where ``denominator > 0``, else 0 (no host sync)."""
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, 1), 0)
+
+
+class _MTPCrossEntropy(torch.autograd.Function):
+    """Outputs ``(weighted, unweighted, per_head)``; see ``compute_mtp_ce_loss``.
+
+    Per-token state lives in ``[n, B, S]`` buffers (head ``k`` uses columns ``:S-k``), so
+    everything but the logits' own passes is vectorised over heads and costs 1/V of L.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, weights, labels, attention_mask, n_future, ignore_index,
+                weight_alignment, mask_ignored_labels, normalize, head_average,
+                overwrite_logits, chunk_size):
+        ctx.set_materialize_grads(False)
+        batch, seq, _, vocab = logits.shape
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        if chunk_size is None:
+            chunk_size = min(_AUTO_CHUNK_ELEMENTS, logits.numel() // _AUTO_CHUNK_FRACTION) // vocab
+        positions_per_chunk = max(1, chunk_size // batch)
+
+        state = logits.new_zeros((5, n_future, batch, seq), dtype=compute_dtype)
+        lse, ce, mask, label_ok, head_weights = state
+        targets = torch.zeros((n_future, batch, seq), dtype=torch.long, device=logits.device)
+        for k in range(1, n_future + 1):
+            length = seq - k
+            if length <= 0:
+                continue
+            target = labels[:, k:]
+            ok = target != ignore_index
+            targets[k - 1, :, :length] = torch.where(ok, target, 0)
+            label_ok[k - 1, :, :length] = ok
+            mask[k - 1, :, :length] = attention_mask[:, k:]
+            if weights is not None:
+                head_weights[k - 1, :, :length] = _aligned_weights(weights.detach(), k, length, weight_alignment)
+            for t0, t1 in _position_chunks(length, positions_per_chunk):
+                chunk = logits[:, t0:t1, k - 1, :]
+                peak = chunk.amax(dim=-1, keepdim=True).to(compute_dtype)
+                chunk_lse = _upcast_minus(chunk, peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+                target_logit = chunk.gather(-1, targets[k - 1, :, t0:t1, None]).squeeze(-1)
+                lse[k - 1, :, t0:t1] = chunk_lse
+                ce[k - 1, :, t0:t1] = chunk_lse - target_logit
+        ce.mul_(label_ok)
+        if mask_ignored_labels:
+            mask.mul_(label_ok)
+        if weights is None:
+            head_weights.fill_(1.0)
+
+        heads = (1, 2)
+        mask_sum = mask.sum(dim=heads)
+        weighted_mask = head_weights * mask
+        denominator = mask_sum if normalize == "mask" else weighted_mask.sum(dim=heads)
+        per_head_weighted = _safe_divide((ce * weighted_mask).sum(dim=heads), denominator)
+        per_head = _safe_divide((ce * mask).sum(dim=heads), mask_sum)
+        if head_average == "all":
+            heads_counted = torch.full((), n_future, dtype=compute_dtype, device=logits.device)
+        else:
+            heads_counted = (denominator > 0).sum().to(compute_dtype).clamp_min(1)
+        weighted = per_head_weighted.sum() / heads_counted
+        unweighted = per_head.sum() / n_future
+
+        if any(ctx.needs_input_grad[:2]):
+            ctx.save_for_backward(logits, weights)
+            ctx.state = (lse, ce, mask, label_ok, head_weights, targets, mask_sum, denominator,
+                         per_head_weighted, heads_counted)
+            ctx.options = (n_future, weight_alignment, normalize, overwrite_logits, positions_per_chunk)
+        return weighted, unweighted, per_head
+
+    @staticmethod
+    def backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
+        with torch.no_grad():
+            grad_logits, grad_weights = _backward(ctx, grad_weighted, grad_unweighted, grad_per_head)
+        if torch.is_grad_enabled():  # create_graph=True: a second differentiation must fail, not be silently 0
+            grad_logits, grad_weights = _refuse_second_backward(grad_logits, grad_weights)
+        return grad_logits, grad_weights, *([None] * 10)
+
+
+class _SecondBackwardError(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(grad.view_as(grad) for grad in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "compute_mtp_ce_loss can be differentiated only once: double backward "
+            "(create_graph=True, e.g. a gradient penalty through the loss) is not supported"
+        )
+
+
+def _refuse_second_backward(*grads):
+    present = [grad.detach().requires_grad_(True) for grad in grads if grad is not None]
+    guarded = iter(_SecondBackwardError.apply(*present) if present else ())
+    return tuple(None if grad is None else next(guarded) for grad in grads)
+
+
+def _backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
+    """Gradients of logits and weights; ``None`` for an output that was not used."""
+    logits, weights = ctx.saved_tensors
+    (lse, ce, mask, label_ok, head_weights, targets, mask_sum, denominator,
+     per_head_weighted, heads_counted) = ctx.state
+    n_future, weight_alignment, normalize, overwrite_logits, positions_per_chunk = ctx.options
+    compute_dtype = lse.dtype
+
+    # d(loss)/d(ce) per token: the weighted and the per-head/unweighted paths.
+    per_head_grad = torch.zeros(n_future, dtype=compute_dtype, device=lse.device)
+    if grad_unweighted is not None:
+        per_head_grad += grad_unweighted.to(compute_dtype) / n_future
+    if grad_per_head is not None:
+        per_head_grad += grad_per_head.to(compute_dtype)
+    ce_grad = _safe_divide(mask, mask_sum[:, None, None]) * per_head_grad[:, None, None]
+    weighted_scale = None
+    if grad_weighted is not None:
+        weighted_scale = grad_weighted.to(compute_dtype) / heads_counted
+        ce_grad += _safe_divide(head_weights * mask, denominator[:, None, None]) * weighted_scale
+    ce_grad.mul_(label_ok)
+
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = _logits_grad(logits, lse, targets, ce_grad, overwrite_logits, positions_per_chunk)
+
+    grad_weights = None
+    if ctx.needs_input_grad[1] and weighted_scale is not None:
+        if normalize == "mask":
+            token_grad = ce
+        else:  # d(sum(c*w*m)/sum(w*m))/dw = m * (c - weighted_k) / D_k
+            token_grad = ce - per_head_weighted[:, None, None]
+        token_grad = _safe_divide(token_grad * mask, denominator[:, None, None]) * weighted_scale
+        grad_weights = torch.zeros_like(weights, dtype=compute_dtype)
+        seq = weights.shape[1]
+        for k in range(1, min(n_future, seq - 1) + 1):
+            length = seq - k
+            _aligned_weights(grad_weights, k, length, weight_alignment).add_(token_grad[k - 1, :, :length])
+        grad_weights = grad_weights.to(weights.dtype)
+    elif ctx.needs_input_grad[1]:
+        grad_weights = torch.zeros_like(weights)
+
+    return grad_logits, grad_weights
+
+
+def _logits_grad(logits, lse, targets, ce_grad, overwrite_logits, positions_per_chunk):
+    """``(softmax - onehot) * ce_grad`` per head, chunk by chunk, into one buffer.
+
+    With ``overwrite_logits`` the buffer is the logits' own storage: each chunk is read
+    once and then overwritten by its gradient.
+    """
+    seq = logits.shape[1]
+    n_future = lse.shape[0]
+    compute_dtype = lse.dtype
+    grad = logits.detach() if overwrite_logits else torch.empty_like(logits)
+    grad[:, :, n_future:, :].zero_()
+    for k in range(1, n_future + 1):
+        length = max(seq - k, 0)
+        grad[:, length:, k - 1, :].zero_()
+        for t0, t1 in _position_chunks(length, positions_per_chunk):
+            chunk = logits[:, t0:t1, k - 1, :]
+            out = grad[:, t0:t1, k - 1, :]
+            coef = ce_grad[k - 1, :, t0:t1, None]
+            shifted = lse[k - 1, :, t0:t1, None]
+            if out.dtype == compute_dtype:  # write in place, no chunk buffer
+                buffer = torch.sub(chunk, shifted, out=out)
+            else:
+                buffer = _upcast_minus(chunk, shifted)
+            buffer.exp_().mul_(coef)
+            buffer.scatter_add_(-1, targets[k - 1, :, t0:t1, None], -coef)
+            if buffer is not out:
+                out.copy_(buffer)
+    return grad
