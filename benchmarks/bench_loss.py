@@ -38,7 +38,7 @@ def inline_loop(logits, labels, attention_mask, weights, delete_temporaries):
     """The loop pasted into the pipelines, verbatim but for the optional `del`."""
     import torch.nn.functional as F
 
-    batch_size, seq_len, n_future, vocab_size = logits.shape
+    batch_size, seq_len, n_future, vocab_size = logits.shape  # noqa: RUF059 (verbatim pipeline code)
     weighted_ce_loss = 0.0
     unweighted_ce_loss = 0.0
     for k in range(1, n_future + 1):
