@@ -1,0 +1,1 @@
+"""LibCST codemod commands, one per file; ``RewriteMTPLoopCommand`` runs the others in order."""

@@ -1,0 +1,139 @@
+"""Remove what a rewrite made dead: shape unpacks, ``model_dtype`` lookups, imports.
+
+Only names that the removed code read are candidates (``--names``, or handed over by
+``RewriteMTPLoopCommand``), so nothing that was already unused before is touched.
+Never removed: ``__future__`` imports, names in ``__all__``, imports in ``__init__.py``
+and imports marked ``# noqa``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
+from libcst.codemod.visitors import RemoveImportsVisitor
+from libcst.metadata import ScopeProvider
+
+from codemods.commands._scratch import FREED_NAMES
+from codemods.mtp_loop.recognize import code, dotted
+
+# `x.shape[i]`, `x.size(i)`, `x.dtype`, `x.device`, `next(m.parameters()).dtype`: pure lookups.
+_PURE_LOOKUP = (
+    m.Subscript(value=m.Attribute(attr=m.Name("shape")))
+    | m.Call(func=m.Attribute(attr=m.Name("size")))
+    | m.Attribute(attr=m.Name("dtype") | m.Name("device"))
+)
+_SHAPE = m.Attribute(attr=m.Name("shape")) | m.Call(func=m.Attribute(attr=m.Name("size")), args=[])
+
+
+class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
+    DESCRIPTION = "Remove shape unpacks, dtype lookups and imports that only the rewritten MTP loop used."
+
+    METADATA_DEPENDENCIES = (ScopeProvider,)
+
+    @staticmethod
+    def add_args(arg_parser: argparse.ArgumentParser) -> None:
+        arg_parser.add_argument("--names", nargs="+", default=[], help="names the removed code read")
+
+    def __init__(self, context: CodemodContext, names=()):
+        super().__init__(context)
+        self.freed = set(context.scratch.get(FREED_NAMES, ())) | set(names)
+        self.exported: set[str] = set()
+        self.carry: list[cst.EmptyLine] = []
+        self.receiver: int | None = None
+
+    def visit_Module(self, node: cst.Module) -> None:
+        for statement in node.body:
+            if not isinstance(statement, cst.SimpleStatementLine):
+                continue
+            for small in statement.body:
+                if m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name("__all__"))])) and \
+                        isinstance(small.value, cst.List | cst.Tuple):
+                    self.exported |= {e.value.evaluated_value for e in small.value.elements
+                                      if isinstance(e.value, cst.SimpleString)}
+
+    def _unused(self, name_node: cst.Name) -> bool:
+        scope = self.get_metadata(ScopeProvider, name_node, None)
+        if scope is None:
+            return False
+        return not any(assignment.references for assignment in scope.assignments[name_node.value])
+
+    def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
+        comment = node.trailing_whitespace.comment
+        if comment is not None and "noqa" in comment.value:
+            return
+        filename = self.context.filename or ""
+        for small in node.body:
+            if isinstance(small, cst.Import | cst.ImportFrom) and not filename.endswith("__init__.py"):
+                self._schedule_import_removal(small)
+
+    def _schedule_import_removal(self, node: cst.Import | cst.ImportFrom) -> None:
+        if isinstance(node, cst.ImportFrom):
+            if node.relative or node.module is None or isinstance(node.names, cst.ImportStar):
+                return
+            module = dotted(node.module)
+            if module == "__future__":
+                return
+            for alias in node.names:
+                bound = alias.evaluated_alias or alias.evaluated_name
+                if bound in self.freed and bound not in self.exported:
+                    RemoveImportsVisitor.remove_unused_import(
+                        self.context, module, alias.evaluated_name, alias.evaluated_alias)
+            return
+        for alias in node.names:
+            bound = alias.evaluated_alias or alias.evaluated_name.split(".")[0]
+            if bound in self.freed and bound not in self.exported:
+                RemoveImportsVisitor.remove_unused_import(
+                    self.context, alias.evaluated_name, asname=alias.evaluated_alias)
+
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        if self.carry and self.receiver is None and isinstance(node, cst.BaseStatement):
+            self.receiver = id(node)
+        return super().on_visit(node)
+
+    def on_leave(self, original_node, updated_node):
+        updated_node = super().on_leave(original_node, updated_node)
+        if id(original_node) == self.receiver and isinstance(updated_node, cst.BaseStatement):
+            updated_node = updated_node.with_changes(leading_lines=[*self.carry, *updated_node.leading_lines])
+            self.carry, self.receiver = [], None
+        return updated_node
+
+    def leave_SimpleStatementLine(self, original_node, updated_node):
+        if len(updated_node.body) != 1 or not isinstance(updated_node.body[0], cst.Assign):
+            return updated_node
+        assign = updated_node.body[0]
+        original = original_node.body[0]
+        if len(assign.targets) != 1:
+            return updated_node
+        target = original.targets[0].target
+        if isinstance(target, cst.Name) and (m.matches(assign.value, _PURE_LOOKUP)):
+            if target.value in self.freed and self._unused(target):
+                return self._remove(updated_node)
+            return updated_node
+        if isinstance(target, cst.Tuple) and m.matches(assign.value, _SHAPE) and \
+                all(isinstance(e.value, cst.Name) for e in target.elements):
+            names = [e.value for e in target.elements]
+            unused = [self._unused(n) for n in names]
+            if not any(u and n.value in self.freed for n, u in zip(names, unused, strict=True)):
+                return updated_node
+            kept = [(i, n.value) for i, (n, u) in enumerate(zip(names, unused, strict=True)) if not u]
+            shape = code(assign.value.value if isinstance(assign.value, cst.Attribute) else assign.value.func.value)
+            if not kept:
+                return self._remove(updated_node)
+            if len(kept) == 1:
+                (index, name), = kept
+                new = cst.parse_statement(f"{name} = {shape}.shape[{index}]\n")
+            else:
+                kept_names = dict(kept)
+                elements = ", ".join(kept_names.get(i, "_") for i in range(len(names)))
+                new = cst.parse_statement(f"{elements} = {code(assign.value)}\n")
+            return new.with_changes(leading_lines=updated_node.leading_lines,
+                                    trailing_whitespace=updated_node.trailing_whitespace)
+        return updated_node
+
+    def _remove(self, statement: cst.SimpleStatementLine):
+        # A comment above a removed line moves down to the next statement.
+        self.carry = [line for line in statement.leading_lines if line.comment is not None] + self.carry
+        return cst.RemoveFromParent()
