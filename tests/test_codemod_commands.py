@@ -1,0 +1,159 @@
+"""Before/after tests of the individual commands (LibCST CodemodTest style) and their rules."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from libcst.codemod import CodemodTest
+
+from codemods.commands.add_utility_import import AddUtilityImportCommand
+from codemods.commands.export_utility import ExportUtilityCommand
+from codemods.commands.insert_mtp_del import InsertMTPDelCommand
+from codemods.commands.remove_dead_code import RemoveDeadCodeCommand
+from codemods.runner import migrate_source
+from codemods.vendoring import plan_vendoring
+
+ROOT = Path(__file__).parents[1]
+FIXTURES = ROOT / "fixtures" / "codemod"
+
+
+
+def migrated(source: str, **options) -> str:
+    return migrate_source(source.encode(), **options).output.decode()
+
+
+class TestRemoveDeadCode(CodemodTest):
+    TRANSFORM = RemoveDeadCodeCommand
+
+    def test_keeps_the_names_still_used(self):
+        before = "def f(x):\n    b, s, n, v = x.shape\n    model_dtype = next(m.parameters()).dtype\n    return n\n"
+        after = "def f(x):\n    n = x.shape[2]\n    return n\n"
+        self.assertCodemod(before, after, names=["b", "s", "n", "v", "model_dtype"])
+
+    def test_only_touches_names_the_rewrite_freed(self):
+        before = "import logging\n\ndef f(x):\n    dtype = x.dtype\n    return 1\n"
+        self.assertCodemod(before, before, names=["unrelated"])
+
+    def test_never_removes_protected_imports(self):
+        before = (
+            "from __future__ import annotations\n"
+            "import logging  # noqa: F401\n"
+            "from typing import Any\n"
+            "import torch.nn.functional as F\n"
+            "__all__ = ['Any']\n"
+        )
+        after = (
+            "from __future__ import annotations\n"
+            "import logging  # noqa: F401\n"
+            "from typing import Any\n"
+            "__all__ = ['Any']\n"
+        )
+        self.assertCodemod(before, after, names=["annotations", "logging", "Any", "F"])
+
+    def test_keeps_imports_of_init_modules(self):
+        before = "import torch.nn.functional as F\n"
+        self.assertCodemod(before, before, names=["F"], context_override=_context("pkg/__init__.py"))
+
+    def test_comment_above_a_removed_line_moves_down(self):
+        before = "def f(x):\n    # shapes\n    b, s = x.shape\n    return 1\n"
+        after = "def f(x):\n    # shapes\n    return 1\n"
+        self.assertCodemod(before, after, names=["b", "s"])
+
+
+def _context(filename):
+    from libcst.codemod import CodemodContext
+
+    return CodemodContext(filename=filename)
+
+
+class TestAddUtilityImport(CodemodTest):
+    TRANSFORM = AddUtilityImportCommand
+
+    def test_adds_a_new_import(self):
+        before = "import torch\n\nx = 1\n"
+        after = "import torch\nfrom weighted_mtp.utils import compute_mtp_ce_loss\n\nx = 1\n"
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"])
+
+    def test_merges_in_sorted_order(self):
+        before = "from weighted_mtp.utils import (\n    aaa,\n    zzz,\n)\n"
+        after = "from weighted_mtp.utils import (\n    aaa,\n    compute_mtp_ce_loss,\n    zzz,\n)\n"
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"])
+
+    def test_merges_on_one_line(self):
+        before = "from weighted_mtp.utils import zzz\n"
+        after = "from weighted_mtp.utils import compute_mtp_ce_loss, zzz\n"
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"])
+
+    def test_other_utility_module(self):
+        before = "x = 1\n"
+        after = "from my.losses import compute_mtp_ce_loss\n\nx = 1\n"
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"], utility_module="my.losses")
+
+
+class TestInsertDel(CodemodTest):
+    TRANSFORM = InsertMTPDelCommand
+
+    def test_rho1_loop_gets_del_and_second_run_nothing(self):
+        source = (FIXTURES / "rho1_selective.in.py").read_text()
+        expected = (FIXTURES / "rho1_selective.out.py").read_text()
+        self.assertCodemod(source, expected)
+        self.assertCodemod(expected, expected)
+
+    def test_names_read_after_the_loop_are_not_deleted(self):
+        source = (FIXTURES / "rho1_selective.in.py").read_text().replace(
+            "    return weighted_ce_loss,", "    print(selection_k)\n    return weighted_ce_loss,")
+        output = migrated(source)
+        assert "del logits_k, labels_k, mask_k, ce_k, selected, selected_sum\n" in output
+
+
+class TestExportUtility(CodemodTest):
+    TRANSFORM = ExportUtilityCommand
+
+    def test_adds_import_and_all_entries(self):
+        before = '"""Utils."""\n\nfrom .other import helper\n\n__all__ = ["helper"]\n'
+        after = (
+            '"""Utils."""\n\nfrom .other import helper\n'
+            "from .loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted\n\n"
+            '__all__ = ["helper", "compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"]\n'
+        )
+        self.assertCodemod(before, after)
+        self.assertCodemod(after, after)
+
+
+def test_rho1_modes():
+    source = (FIXTURES / "rho1_selective.in.py").read_text()
+    assert migrated(source, rho1="skip") == source
+    assert "compute_mtp_ce_loss(" in migrated(source, rho1="rewrite")
+    assert "del logits_k" in migrated(source, rho1="del")
+
+
+def test_utility_module_option():
+    output = migrated((FIXTURES / "existing_del_lines.in.py").read_text(), utility_module="my_project.losses")
+    assert "from my_project.losses import compute_mtp_ce_loss\n" in output
+
+
+def test_vendoring_writes_identical_utility_and_exports(tmp_path):
+    package = tmp_path / "weighted_mtp" / "utils"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('from weighted_mtp.utils.misc import helper\n\n__all__ = ["helper"]\n')
+    changes = plan_vendoring(tmp_path)
+    assert set(changes) == {package / "loss_utils.py", package / "__init__.py"}
+    shipped = (ROOT / "weighted_mtp" / "utils" / "loss_utils.py").read_bytes()
+    assert changes[package / "loss_utils.py"][1] == shipped
+    init = changes[package / "__init__.py"][1].decode()
+    assert "from weighted_mtp.utils.loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted" in init
+    assert '"compute_mtp_ce_loss_unweighted"]' in init
+    for path, (_, new) in changes.items():
+        path.write_bytes(new)
+    assert plan_vendoring(tmp_path) == {}
+    assert plan_vendoring(ROOT) == {}  # our own package is never vendored into
+
+
+def test_runs_through_libcst_tool(tmp_path):
+    for case in ("rho1_selective", "crlf_bom"):
+        (tmp_path / f"{case}.py").write_bytes((FIXTURES / f"{case}.in.py").read_bytes())
+    subprocess.run(
+        [sys.executable, "-m", "libcst.tool", "codemod", "--no-format", "rewrite_mtp_loop.RewriteMTPLoopCommand",
+         str(tmp_path)], cwd=ROOT, check=True, capture_output=True)
+    for case in ("rho1_selective", "crlf_bom"):
+        assert (tmp_path / f"{case}.py").read_bytes() == (FIXTURES / f"{case}.out.py").read_bytes()
