@@ -1,9 +1,14 @@
-"""Run the codemods on one file's bytes: encoding, BOM and line endings in, the same out."""
+"""Run the codemods on one file: encoding, BOM and line endings in, the same out."""
 
 from __future__ import annotations
 
 import codecs
+import io
+import os
+import tempfile
+import tokenize
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import libcst as cst
 from libcst.codemod import CodemodContext
@@ -41,3 +46,48 @@ def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = "de
     output = RewriteMTPLoopCommand(context, rho1=rho1, utility_module=utility_module).transform_module(module)
     sites = sorted(context.scratch.get(SITES, []), key=lambda site: site["line"])
     return FileResult(source, bom + output.bytes, sites)
+
+
+# A file without this text cannot hold a site: it is never parsed.
+PREFILTER = b"cross_entropy"
+
+
+def check_bytes(data: bytes) -> None:
+    """Refuse what is not Python source text before any parsing."""
+    if not data.strip():
+        raise MigrationError("empty file")
+    if b"\0" in data:
+        raise MigrationError("binary file (contains NUL bytes)")
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        data.decode(encoding)
+    except (SyntaxError, LookupError, UnicodeDecodeError) as error:
+        raise MigrationError(f"not valid text in its declared encoding: {str(error).splitlines()[0]}") from None
+
+
+def migrate_file(path: Path, *, rho1: str = "del", utility_module: str = DEFAULT_UTILITY_MODULE) -> FileResult:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise MigrationError(f"cannot read: {error.strerror or error}") from None
+    check_bytes(data)
+    if PREFILTER not in data:
+        return FileResult(data, data)
+    return migrate_source(data, str(path), rho1=rho1, utility_module=utility_module)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write beside ``path``, then ``os.replace``: a killed run leaves the old file or the new one."""
+    mode = path.stat().st_mode if path.exists() else None
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".mtp-migrate")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if mode is not None:
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

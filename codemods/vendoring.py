@@ -12,17 +12,19 @@ from pathlib import Path
 import libcst as cst
 from libcst.codemod import CodemodContext
 
-import weighted_mtp.utils.loss_utils as shipped
+import weighted_mtp
 from codemods.commands.export_utility import ExportUtilityCommand
 
 _CANDIDATES = (Path("weighted_mtp", "utils"), Path("src", "weighted_mtp", "utils"))
+# Located, not imported: importing it would import torch, which the CLI does not need.
+SHIPPED_UTILITY = Path(weighted_mtp.__file__).parent / "utils" / "loss_utils.py"
 
 
 def vendor_target(root: Path) -> Path | None:
     """The target tree's own ``weighted_mtp/utils`` package, if it has one (and it is not ours)."""
     for candidate in _CANDIDATES:
         package = root / candidate
-        if (package / "__init__.py").is_file() and package.resolve() != Path(shipped.__file__).parent.resolve():
+        if (package / "__init__.py").is_file() and package.resolve() != SHIPPED_UTILITY.parent.resolve():
             return package
     return None
 
@@ -34,7 +36,7 @@ def plan_vendoring(root: Path) -> dict[Path, tuple[bytes, bytes]]:
         return {}
     changes = {}
     utility = package / "loss_utils.py"
-    new_utility = Path(shipped.__file__).read_bytes()
+    new_utility = SHIPPED_UTILITY.read_bytes()
     old_utility = utility.read_bytes() if utility.exists() else b""
     if old_utility != new_utility:
         changes[utility] = (old_utility, new_utility)

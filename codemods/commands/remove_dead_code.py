@@ -43,6 +43,14 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
         self.exported: set[str] = set()
         self.carry: list[cst.EmptyLine] = []
         self.receiver: int | None = None
+        self.imports: list[tuple[str, str | None, str | None]] = []  # (module, name, alias) to drop if unused
+
+    def transform_module_impl(self, tree: cst.Module) -> cst.Module:
+        tree = super().transform_module_impl(tree)
+        if not self.imports:
+            return tree
+        # Run here, once, rather than scheduled: later commands share this context.
+        return RemoveImportsVisitor(self.context, self.imports).transform_module(tree)
 
     def visit_Module(self, node: cst.Module) -> None:
         for statement in node.body:
@@ -79,14 +87,12 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
             for alias in node.names:
                 bound = alias.evaluated_alias or alias.evaluated_name
                 if bound in self.freed and bound not in self.exported:
-                    RemoveImportsVisitor.remove_unused_import(
-                        self.context, module, alias.evaluated_name, alias.evaluated_alias)
+                    self.imports.append((module, alias.evaluated_name, alias.evaluated_alias))
             return
         for alias in node.names:
             bound = alias.evaluated_alias or alias.evaluated_name.split(".")[0]
             if bound in self.freed and bound not in self.exported:
-                RemoveImportsVisitor.remove_unused_import(
-                    self.context, alias.evaluated_name, asname=alias.evaluated_alias)
+                self.imports.append((alias.evaluated_name, None, alias.evaluated_alias))
 
     def on_visit(self, node: cst.CSTNode) -> bool:
         if self.carry and self.receiver is None and isinstance(node, cst.BaseStatement):

@@ -45,7 +45,6 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         refuse_all = UTILITY_SELF if _defines_utility(tree) else None
-        taken = reads(tree)
         freed: set[str] = set()
         needed: set[str] = set()
         inserts_del = False
@@ -59,7 +58,7 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
             inserts_del |= action == "del_inserted"
         if not self.planned and not inserts_del:
             return tree
-        self.taken = taken
+        self.taken = reads(tree)
         tree = tree.visit(self)
         if inserts_del:
             tree = InsertMTPDelCommand(self.context, self.rho1, report_sites=False).transform_module(tree)

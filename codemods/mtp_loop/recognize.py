@@ -938,6 +938,8 @@ def _holds(statement, block) -> bool:
 
 
 def find_sites(module: cst.Module, refuse_all: str | None = None) -> list[Site]:
+    if not _contains_cross_entropy(module):
+        return []
     wrapper = cst.MetadataWrapper(module, unsafe_skip_copy=True)
     finder = SiteFinder(module, refuse_all)
     wrapper.visit(finder)

@@ -1,0 +1,186 @@
+"""mtp-migrate end to end: exit codes, bad input, safe writes, parallel runs, JSON."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from codemods import runner
+from codemods.cli import main
+
+ROOT = Path(__file__).parents[1]
+BEFORE = ROOT / "fixtures" / "pipelines" / "before"
+AFTER = ROOT / "fixtures" / "pipelines" / "after"
+FIXTURES = ROOT / "fixtures" / "codemod"
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A copy of the before/ pipelines plus ordinary files, a venv and an ignored file."""
+    shutil.copytree(BEFORE, tmp_path / "pipelines")
+    (tmp_path / "run_plain.py").write_text("print('no loop here')\n")
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / ".venv" / "lib" / "run_inside_venv.py")
+    (tmp_path / "ignored").mkdir()
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "ignored" / "run_ignored.py")
+    (tmp_path / ".gitignore").write_text("ignored/\n")
+    return tmp_path
+
+
+def invoke(*args, cwd):
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, [*args, "--color", "never"], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def snapshot(root: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_diff_writes_nothing_and_exits_1(repo):
+    before = snapshot(repo)
+    result = invoke("diff", ".", cwd=repo)
+    assert result.exit_code == 1, result.output
+    assert "+from weighted_mtp.utils import compute_mtp_ce_loss" in result.output
+    assert "run_ignored" not in result.output and "run_inside_venv" not in result.output
+    assert snapshot(repo) == before
+
+
+def test_check_exits_1_then_apply_then_0_and_apply_is_idempotent(repo):
+    assert invoke("check", ".", cwd=repo).exit_code == 1
+    mode = 0o750
+    os.chmod(repo / "pipelines" / "run_rho1.py", mode)
+    result = invoke("apply", ".", cwd=repo)
+    assert result.exit_code == 0, result.output
+    for name in ("run_verifiable.py", "run_baseline.py", "run_rho1.py"):
+        assert (repo / "pipelines" / name).read_bytes() == (AFTER / name).read_bytes()
+    assert stat.S_IMODE((repo / "pipelines" / "run_rho1.py").stat().st_mode) == mode
+    after_first = snapshot(repo)
+    assert invoke("apply", ".", cwd=repo).exit_code == 0
+    assert snapshot(repo) == after_first
+    assert invoke("check", ".", cwd=repo).exit_code == 0
+    assert not list(repo.rglob("*.mtp-migrate"))
+
+
+def test_crlf_and_bom_survive_apply(tmp_path):
+    target = tmp_path / "run_crlf.py"
+    shutil.copy(FIXTURES / "crlf_bom.in.py", target)
+    assert invoke("apply", str(target), cwd=tmp_path).exit_code == 0
+    assert target.read_bytes() == (FIXTURES / "crlf_bom.out.py").read_bytes()
+
+
+BAD_INPUTS = {
+    "run_syntax.py": b"import torch.nn.functional as F\ndef f(:\n    F.cross_entropy\n",
+    "run_latin1.py": "x = 'caf\u00e9'  # cross_entropy\n".encode("latin-1"),
+    "run_empty.py": b"",
+    "run_binary.py": b"\x00\x01cross_entropy\x00",
+}
+
+
+@pytest.mark.parametrize("name", [*BAD_INPUTS, "run_unreadable.py", "run_loop.py"])
+def test_bad_input_is_one_error_line_and_the_batch_goes_on(tmp_path, monkeypatch, name):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_good.py")
+    bad = tmp_path / name
+    if name in BAD_INPUTS:
+        bad.write_bytes(BAD_INPUTS[name])
+    elif name == "run_loop.py":
+        os.symlink(bad, bad)  # a symlink loop
+    else:  # root reads mode-000 files, so fail the read itself
+        bad.write_text("x = 1\n")
+        real_read = Path.read_bytes
+        monkeypatch.setattr(Path, "read_bytes", lambda self: (
+            (_ for _ in ()).throw(PermissionError(13, "Permission denied")) if self.name == name else real_read(self)))
+    result = invoke("check", ".", "--json", "--jobs", "1", cwd=tmp_path)
+    assert result.exit_code == 2
+    report = {Path(f["path"]).name: f for f in json.loads(result.output)["files"]}
+    assert report[name]["status"] == "error" and report[name]["error"]
+    assert "\n" not in report[name]["error"]
+    assert report["run_good.py"]["status"] == "changed"
+    text = invoke("check", ".", "--jobs", "1", cwd=tmp_path)
+    assert text.exit_code == 2
+    assert sum(1 for line in text.output.splitlines() if line.startswith(f"error: {name}")) == 1
+
+
+def test_plain_symlink_is_skipped_not_followed(tmp_path):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "real.py")
+    os.symlink(tmp_path / "real.py", tmp_path / "run_link.py")
+    result = invoke("apply", ".", "--json", cwd=tmp_path)
+    files = {Path(f["path"]).name: f for f in json.loads(result.output)["files"]}
+    assert files["run_link.py"]["status"] == "skipped"
+    assert (tmp_path / "run_link.py").is_symlink()
+    assert result.exit_code == 0
+
+
+def test_json_schema(repo):
+    result = invoke("diff", ".", "--json", cwd=repo)
+    report = json.loads(result.output)
+    assert set(report) == {"files", "summary"}
+    for entry in report["files"]:
+        assert set(entry) == {"path", "status", "error", "sites"}
+        assert entry["status"] in {"changed", "unchanged", "skipped", "error"}
+        for site in entry["sites"]:
+            assert set(site) == {"line", "action", "reason", "verified"}
+            assert site["action"] in {"rewritten", "del_inserted", "skipped"}
+    summary = report["summary"]
+    assert (summary["sites_rewritten"], summary["dels_inserted"], summary["sites_skipped"]) == (5, 1, 1)
+
+
+def test_jobs_2_equals_jobs_1(repo):
+    for index in range(3):
+        shutil.copy(BEFORE / "run_baseline.py", repo / f"run_copy_{index}.py")
+    serial = invoke("diff", ".", "--jobs", "1", cwd=repo)
+    parallel = invoke("diff", ".", "--jobs", "2", cwd=repo)
+    assert serial.exit_code == parallel.exit_code == 1
+    assert serial.output == parallel.output
+
+
+def test_interrupted_write_leaves_the_original_intact(tmp_path, monkeypatch):
+    target = tmp_path / "run_baseline.py"
+    shutil.copy(BEFORE / "run_baseline.py", target)
+    original = target.read_bytes()
+
+    def crash(*_):
+        raise KeyboardInterrupt  # killed between writing the temp file and replacing
+
+    monkeypatch.setattr(runner.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        runner.write_atomic(target, b"half")
+    assert target.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_baseline.py"]
+
+
+def test_vendoring_into_a_weighted_mtp_repo(tmp_path):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    package = tmp_path / "weighted_mtp" / "utils"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('"""Utils."""\n')
+    assert invoke("apply", ".", cwd=tmp_path).exit_code == 0
+    assert (package / "loss_utils.py").read_bytes() == (ROOT / "weighted_mtp" / "utils" / "loss_utils.py").read_bytes()
+    assert "compute_mtp_ce_loss_unweighted" in (package / "__init__.py").read_text()
+
+
+def test_missing_path_and_verify_are_errors(tmp_path):
+    assert invoke("check", "does-not-exist", cwd=tmp_path).exit_code == 2
+    assert invoke("verify", "--base", "HEAD", cwd=tmp_path).exit_code == 2
+
+
+def test_subprocess_exit_codes_and_no_color(tmp_path):
+    shutil.copy(BEFORE / "run_rho1.py", tmp_path / "run_rho1.py")
+    env = dict(os.environ, NO_COLOR="1")
+    command = [sys.executable, "-m", "codemods", "diff", "."]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "\x1b[" not in done.stdout and "+        del logits_k" in done.stdout
+    assert subprocess.run([sys.executable, "-m", "codemods", "apply", "-q", "."], cwd=tmp_path).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "codemods", "check", "."], cwd=tmp_path, capture_output=True)
+    assert done.returncode == 0
