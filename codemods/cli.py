@@ -38,10 +38,10 @@ class FileReport:
     output: bytes = b""
 
 
-def process(path: str, rho1: str, utility_module: str) -> FileReport:
+def process(path: str, rho1: str, utility_module: str, transform: bool) -> FileReport:
     """One file, never raising: bad input becomes an ``error`` report (runs in a worker)."""
     try:
-        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module)
+        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, transform=transform)
     except MigrationError as error:
         return FileReport(path, "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either
@@ -162,9 +162,11 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, utility_modu
     out, err = _consoles(color)
     paths = tuple(paths) or (Path("."),)
     candidates = list(discover(paths, tuple(include), tuple(exclude)))
-    options = {"rho1": rho1, "utility_module": utility_module}
+    # check needs only each site's action; diff and apply need the new text.
+    options = {"rho1": rho1, "utility_module": utility_module, "transform": verb != "check"}
     reports = _process_all(candidates, options, jobs, err if not (quiet or as_json) else Console(quiet=True))
-    reports += _vendoring_reports(paths, reports, utility_module)
+    if verb != "check":
+        reports += _vendoring_reports(paths, reports, utility_module)
     changed = [r for r in reports if r.status == "changed"]
     if verb == "diff" and not as_json:
         for report in changed:

@@ -14,7 +14,7 @@ import libcst as cst
 from libcst.codemod import CodemodContext
 
 from codemods.commands._scratch import DEFAULT_UTILITY_MODULE, SITES
-from codemods.commands.rewrite_mtp_loop import RewriteMTPLoopCommand
+from codemods.commands.rewrite_mtp_loop import RewriteMTPLoopCommand, plan
 
 
 class MigrationError(Exception):
@@ -26,22 +26,33 @@ class FileResult:
     source: bytes
     output: bytes
     sites: list[dict] = field(default_factory=list)
+    pending: bool = False  # a survey found changes it did not make
 
     @property
     def changed(self) -> bool:
-        return self.output != self.source
+        return self.pending or self.output != self.source
+
+
+def _parse(source: bytes) -> tuple[bytes, cst.Module]:
+    bom = codecs.BOM_UTF8 if source.startswith(codecs.BOM_UTF8) else b""
+    try:
+        return bom, cst.parse_module(source[len(bom):])
+    except (cst.ParserSyntaxError, SyntaxError) as error:
+        raise MigrationError(f"syntax error: {str(error).splitlines()[0]}") from None
+    except (UnicodeDecodeError, LookupError) as error:
+        raise MigrationError(f"cannot decode: {error}") from None
+
+
+def survey_source(source: bytes, *, rho1: str = "del") -> list[dict]:
+    """The site reports ``migrate_source`` would give, without transforming (for ``check``)."""
+    _, module = _parse(source)
+    return [{"line": site.line, "action": action, "reason": reason} for site, action, reason in plan(module, rho1)]
 
 
 def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = "del",
                    utility_module: str = DEFAULT_UTILITY_MODULE) -> FileResult:
     """Apply ``RewriteMTPLoopCommand`` (and the commands it runs) to ``source``."""
-    bom = codecs.BOM_UTF8 if source.startswith(codecs.BOM_UTF8) else b""
-    try:
-        module = cst.parse_module(source[len(bom):])
-    except (cst.ParserSyntaxError, SyntaxError) as error:
-        raise MigrationError(f"syntax error: {str(error).splitlines()[0]}") from None
-    except (UnicodeDecodeError, LookupError) as error:
-        raise MigrationError(f"cannot decode: {error}") from None
+    bom, module = _parse(source)
     context = CodemodContext(filename=filename)
     output = RewriteMTPLoopCommand(context, rho1=rho1, utility_module=utility_module).transform_module(module)
     sites = sorted(context.scratch.get(SITES, []), key=lambda site: site["line"])
@@ -65,7 +76,9 @@ def check_bytes(data: bytes) -> None:
         raise MigrationError(f"not valid text in its declared encoding: {str(error).splitlines()[0]}") from None
 
 
-def migrate_file(path: Path, *, rho1: str = "del", utility_module: str = DEFAULT_UTILITY_MODULE) -> FileResult:
+def migrate_file(path: Path, *, rho1: str = "del", utility_module: str = DEFAULT_UTILITY_MODULE,
+                 transform: bool = True) -> FileResult:
+    """Read, check and migrate one file; ``transform=False`` only reports its sites."""
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -73,6 +86,9 @@ def migrate_file(path: Path, *, rho1: str = "del", utility_module: str = DEFAULT
     check_bytes(data)
     if PREFILTER not in data:
         return FileResult(data, data)
+    if not transform:
+        sites = survey_source(data, rho1=rho1)
+        return FileResult(data, data, sites, pending=any(site["action"] != "skipped" for site in sites))
     return migrate_source(data, str(path), rho1=rho1, utility_module=utility_module)
 
 

@@ -44,12 +44,10 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
         self.planned: dict[int, list] = {}  # block id -> sites to rewrite
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
-        refuse_all = UTILITY_SELF if _defines_utility(tree) else None
         freed: set[str] = set()
         needed: set[str] = set()
         inserts_del = False
-        for site in find_sites(tree, refuse_all):
-            action, reason = action_for(site, self.rho1)
+        for site, action, reason in plan(tree, self.rho1):
             report(self.context, site.line, action, reason)
             if action == "rewritten":
                 self.planned.setdefault(site.block_id, []).append(site)
@@ -83,6 +81,12 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
 
     def leave_Module(self, original_node, updated_node):
         return self._rewrite_block(original_node, updated_node)
+
+
+def plan(tree: cst.Module, rho1: str):
+    """``(site, action, reason)`` for every site of ``tree``: what the transform will do."""
+    refuse_all = UTILITY_SELF if _defines_utility(tree) else None
+    return [(site, *action_for(site, rho1)) for site in find_sites(tree, refuse_all)]
 
 
 def _defines_utility(tree: cst.Module) -> bool:

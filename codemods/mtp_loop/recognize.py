@@ -196,10 +196,16 @@ class _NameCollector(cst.CSTVisitor):
         return False
 
 
-def reads(node: cst.CSTNode) -> set[str]:
-    collector = _NameCollector()
-    node.visit(collector)
-    return set(collector.names)
+_READS: dict[int, tuple[cst.CSTNode, frozenset[str]]] = {}  # per find_sites run; holds the node so ids stay valid
+
+
+def reads(node: cst.CSTNode) -> frozenset[str]:
+    cached = _READS.get(id(node))
+    if cached is None or cached[0] is not node:
+        collector = _NameCollector()
+        node.visit(collector)
+        cached = _READS[id(node)] = (node, frozenset(collector.names))
+    return cached[1]
 
 
 def _binds(statement: cst.BaseStatement) -> set[str]:
@@ -693,33 +699,25 @@ def _divisor(node) -> str:
     return code(node)
 
 
-class _CrossEntropyFinder(cst.CSTVisitor):
-    found = False
+class _HeadLoopFinder(cst.CSTVisitor):
+    """Head loops: the innermost ``for`` around each cross_entropy call (not outer batch loops)."""
+
+    def __init__(self):
+        self.loops: list[cst.For] = []
+        self.found: dict[int, cst.For] = {}
+        self.any_call = False
+
+    def visit_For(self, node):
+        self.loops.append(node)
+
+    def leave_For(self, node):
+        self.loops.pop()
 
     def visit_Call(self, node):
         if (dotted(node.func) or "").endswith("cross_entropy"):
-            self.found = True
-
-
-def _contains_cross_entropy(node) -> bool:
-    finder = _CrossEntropyFinder()
-    node.visit(finder)
-    return finder.found
-
-
-def _is_head_loop(statement) -> bool:
-    """The innermost ``for`` around a cross_entropy call (outer loops over batches are not)."""
-    if not isinstance(statement, cst.For) or not _contains_cross_entropy(statement.body):
-        return False
-    nested = []
-
-    class _Loops(cst.CSTVisitor):
-        def visit_For(self, node):
-            if node is not statement and _contains_cross_entropy(node.body):
-                nested.append(node)
-
-    statement.body.visit(_Loops())
-    return not nested
+            self.any_call = True
+            if self.loops:
+                self.found[id(self.loops[-1])] = self.loops[-1]
 
 
 def analyze(body, loop_index, facts, chain, own_is_loop, indent, line, refuse_all=None) -> Site:
@@ -868,46 +866,56 @@ def _temporaries(loop, ev, levels) -> tuple[str, ...]:
 
 
 class SiteFinder(cst.CSTVisitor):
-    """Collects every head loop (a ``for`` whose body calls cross_entropy) as a ``Site``."""
+    """Collects every head loop as a ``Site``, with what it needs of the enclosing blocks."""
 
     METADATA_DEPENDENCIES = (PositionProvider,)
 
-    def __init__(self, module: cst.Module, refuse_all: str | None = None):
+    def __init__(self, module: cst.Module, head_loops: dict[int, cst.For], refuse_all: str | None = None):
         self.module = module
+        self.head_loops = head_loops
         self.refuse_all = refuse_all
         self.sites: list[Site] = []
         self._blocks: list[tuple] = []  # (body, indent, block node, is a loop body)
-        self._loop_bodies: set[int] = set()
-        self._facts: list[_Facts] = [_Facts(module)]
+        self._statements: list[cst.CSTNode] = []  # compound statements being visited
+        self._scopes: list[list] = [[module, None]]  # [scope node, its _Facts once needed]
 
-    def visit_FunctionDef(self, node):
-        self._facts.append(_Facts(node))
+    def on_visit(self, node) -> bool:
+        if isinstance(node, cst.BaseCompoundStatement):
+            self._statements.append(node)
+        if isinstance(node, cst.FunctionDef):
+            self._scopes.append([node, None])
+        return super().on_visit(node)
 
-    def leave_FunctionDef(self, node):
-        self._facts.pop()
-
-    def visit_For(self, node):
-        self._loop_bodies.add(id(node.body))
-
-    def visit_While(self, node):
-        self._loop_bodies.add(id(node.body))
+    def on_leave(self, original_node) -> None:
+        super().on_leave(original_node)
+        if isinstance(original_node, cst.BaseCompoundStatement):
+            self._statements.pop()
+        if isinstance(original_node, cst.FunctionDef):
+            self._scopes.pop()
 
     def visit_Module(self, node):
         self._visit_block(node.body, "", node, False)
 
     def visit_IndentedBlock(self, node):
+        holder = self._statements[-1]
         indent = self._blocks[-1][1] + (self.module.default_indent if node.indent is None else node.indent)
-        self._visit_block(node.body, indent, node, id(node) in self._loop_bodies)
+        self._visit_block(node.body, indent, node, isinstance(holder, cst.For | cst.While) and holder.body is node)
 
     def leave_IndentedBlock(self, node):
         self._blocks.pop()
 
+    def _facts(self) -> _Facts:
+        scope = self._scopes[-1]
+        if scope[1] is None:
+            scope[1] = _Facts(scope[0])
+        return scope[1]
+
     def _visit_block(self, body, indent, node, is_loop):
         self._blocks.append((tuple(body), indent, node, is_loop))
         for index, statement in enumerate(body):
-            if _is_head_loop(statement):
+            if id(statement) in self.head_loops:
                 line = self.get_metadata(PositionProvider, statement).start.line
-                site = analyze(body, index, self._facts[-1], self._chain(), is_loop, indent, line, self.refuse_all)
+                site = analyze(body, index, self._facts(), self._chain(), is_loop, indent, line, self.refuse_all)
                 site.block_id = id(node)
                 self.sites.append(site)
 
@@ -916,31 +924,24 @@ class SiteFinder(cst.CSTVisitor):
         levels = []
         for depth in range(len(self._blocks) - 2, -1, -1):
             body, _, _, is_loop = self._blocks[depth]
-            inner = self._blocks[depth + 1][2]
-            holder = next(i for i, statement in enumerate(body) if _holds(statement, inner))
-            if isinstance(body[holder], cst.FunctionDef | cst.ClassDef):
+            positions = {id(statement): i for i, statement in enumerate(body)}
+            holder = next(s for s in reversed(self._statements) if id(s) in positions)
+            if isinstance(holder, cst.FunctionDef | cst.ClassDef):
                 break
-            levels.append((body, holder + 1, holder if is_loop else 0))
+            index = positions[id(holder)]
+            levels.append((body, index + 1, index if is_loop else 0))
         return levels
 
 
-def _holds(statement, block) -> bool:
-    found = []
-
-    class _Find(cst.CSTVisitor):
-        def on_visit(self, node):
-            if node is block:
-                found.append(True)
-            return not found
-
-    statement.visit(_Find())
-    return bool(found)
-
-
 def find_sites(module: cst.Module, refuse_all: str | None = None) -> list[Site]:
-    if not _contains_cross_entropy(module):
+    loops = _HeadLoopFinder()
+    module.visit(loops)
+    if not loops.found:
         return []
     wrapper = cst.MetadataWrapper(module, unsafe_skip_copy=True)
-    finder = SiteFinder(module, refuse_all)
-    wrapper.visit(finder)
+    finder = SiteFinder(module, loops.found, refuse_all)
+    try:
+        wrapper.visit(finder)
+    finally:
+        _READS.clear()
     return finder.sites
