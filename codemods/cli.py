@@ -115,7 +115,7 @@ def _summary(reports: list[FileReport]) -> dict:
 def _print_summary(console: Console, reports: list[FileReport], summary: dict, verb: str, quiet: bool) -> None:
     if not quiet:
         table = Table(title=f"mtp-migrate {verb}", show_header=False, title_justify="left")
-        for label, key in [("files scanned", "files"), ("files changed", "changed"),
+        for label, key in [("files scanned", "files"), ("files changed" if verb == "apply" else "files to change", "changed"),
                            ("sites rewritten", "sites_rewritten"), ("dels inserted", "dels_inserted"),
                            ("sites skipped", "sites_skipped"), ("errors", "errors")]:
             table.add_row(label, str(summary[key]), style="red" if key == "errors" and summary[key] else None)
