@@ -58,8 +58,7 @@ def process(path: str, rho1: str, utility_module: str, transform: bool) -> FileR
 
 
 def _process_all(candidates, options, jobs: int, console: Console) -> list[FileReport]:
-    reports = {c.path.as_posix(): FileReport(c.path.as_posix(), "skipped" if "not followed" in c.problem
-                                             else "error", c.problem)
+    reports = {c.path.as_posix(): FileReport(c.path.as_posix(), "skipped" if c.skipped else "error", c.problem)
                for c in candidates if c.problem}
     todo = [c.path.as_posix() for c in candidates if not c.problem]
     show_progress = console.is_terminal and len(todo) > 1

@@ -17,7 +17,8 @@ SKIPPED_DIRS = {".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "
 @dataclass(frozen=True)
 class Candidate:
     path: Path
-    problem: str | None = None  # a one-line reason the file cannot be processed
+    problem: str | None = None  # a one-line reason the file is not processed
+    skipped: bool = False  # the problem is a deliberate skip (a symlink), not an error
 
 
 def _is_virtualenv(directory: Path) -> bool:
@@ -55,7 +56,9 @@ def _once(candidate: Candidate, seen: set[Path]) -> Iterator[Candidate]:
 
 def _file_candidate(path: Path) -> Candidate:
     if path.is_symlink():
-        return Candidate(path, "symlink or symlink loop" if not path.exists() else "symlink (not followed)")
+        if not path.exists():
+            return Candidate(path, "broken symlink or symlink loop")
+        return Candidate(path, "symlink (not followed)", skipped=True)
     return Candidate(path)
 
 

@@ -24,7 +24,6 @@ _TRANSPARENT_METHODS = {"float", "double", "half", "bfloat16", "to", "type_as", 
                         "contiguous", "view_as", "reshape_as"}
 _CROSS_ENTROPY_NAMES = {"F.cross_entropy", "torch.nn.functional.cross_entropy", "nn.functional.cross_entropy",
                         "functional.cross_entropy", "cross_entropy"}
-_ALIGNMENTS = {1: "target", 0: "previous"}  # start - k + 1  ->  weight_alignment
 
 
 def code(node: cst.CSTNode) -> str:
