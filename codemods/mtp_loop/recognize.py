@@ -729,7 +729,7 @@ def analyze(body, loop_index, facts, chain, own_is_loop, indent, line, refuse_al
             raise Refusal(refuse_all)
         loop_writes = {n for s in _all_statements(loop.body.body) for n in _augmented(s)}
         if not loop_writes:
-            raise Refusal("the loop accumulates nothing")
+            raise Refusal("the loop accumulates into no local variable (`name += ...`)")
         inits = {}
         for index in range(loop_index - 1, -1, -1):
             name = accumulator_init(body[index])
