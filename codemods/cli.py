@@ -38,16 +38,15 @@ class FileReport:
     output: bytes = b""
 
 
-def process(path: str, rho1: str, utility_module: str, transform: bool) -> FileReport:
+def process(path: str, rho1: str, utility_module: str, transform: bool, verify: bool) -> FileReport:
     """One file, never raising: bad input becomes an ``error`` report (runs in a worker)."""
     try:
-        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, transform=transform)
+        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, transform=transform,
+                              verify=verify)
     except MigrationError as error:
         return FileReport(path, "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either
         return FileReport(path, "error", f"internal error: {type(error).__name__}: {error}")
-    for site in result.sites:
-        site["verified"] = False
     if result.changed:
         status = "changed"
     elif any(site["action"] == "skipped" for site in result.sites):
@@ -108,14 +107,15 @@ def _summary(reports: list[FileReport]) -> dict:
     return {"files": len(reports), "changed": statuses["changed"], "unchanged": statuses["unchanged"],
             "skipped": statuses["skipped"], "errors": statuses["error"],
             "sites_rewritten": actions["rewritten"], "dels_inserted": actions["del_inserted"],
-            "sites_skipped": actions["skipped"]}
+            "sites_skipped": actions["skipped"], "sites_verified": sum(s["verified"] for r in reports for s in r.sites)}
 
 
 def _print_summary(console: Console, reports: list[FileReport], summary: dict, verb: str, quiet: bool) -> None:
     if not quiet:
         table = Table(title=f"mtp-migrate {verb}", show_header=False, title_justify="left")
         for label, key in [("files scanned", "files"), ("files changed" if verb == "apply" else "files to change", "changed"),
-                           ("sites rewritten", "sites_rewritten"), ("dels inserted", "dels_inserted"),
+                           ("sites rewritten", "sites_rewritten"), ("sites verified", "sites_verified"),
+                           ("dels inserted", "dels_inserted"),
                            ("sites skipped", "sites_skipped"), ("errors", "errors")]:
             table.add_row(label, str(summary[key]), style="red" if key == "errors" and summary[key] else None)
         console.print(table)
@@ -162,7 +162,8 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, utility_modu
     paths = tuple(paths) or (Path("."),)
     candidates = list(discover(paths, tuple(include), tuple(exclude)))
     # check needs only each site's action; diff and apply need the new text.
-    options = {"rho1": rho1, "utility_module": utility_module, "transform": verb != "check"}
+    options = {"rho1": rho1, "utility_module": utility_module, "transform": verb != "check",
+               "verify": verb == "apply" and not no_verify}
     reports = _process_all(candidates, options, jobs, err if not (quiet or as_json) else Console(quiet=True))
     if verb != "check":
         reports += _vendoring_reports(paths, reports, utility_module)

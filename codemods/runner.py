@@ -46,15 +46,17 @@ def _parse(source: bytes) -> tuple[bytes, cst.Module]:
 def survey_source(source: bytes, *, rho1: str = "del") -> list[dict]:
     """The site reports ``migrate_source`` would give, without transforming (for ``check``)."""
     _, module = _parse(source)
-    return [{"line": site.line, "action": action, "reason": reason} for site, action, reason in plan(module, rho1)]
+    return [{"line": site.line, "action": action, "reason": reason, "verified": False}
+            for site, action, reason in plan(module, rho1)]
 
 
 def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = "del",
-                   utility_module: str = DEFAULT_UTILITY_MODULE) -> FileResult:
+                   utility_module: str = DEFAULT_UTILITY_MODULE, verify: bool = False) -> FileResult:
     """Apply ``RewriteMTPLoopCommand`` (and the commands it runs) to ``source``."""
     bom, module = _parse(source)
     context = CodemodContext(filename=filename)
-    output = RewriteMTPLoopCommand(context, rho1=rho1, utility_module=utility_module).transform_module(module)
+    command = RewriteMTPLoopCommand(context, rho1=rho1, utility_module=utility_module, verify=verify)
+    output = command.transform_module(module)
     sites = sorted(context.scratch.get(SITES, []), key=lambda site: site["line"])
     return FileResult(source, bom + output.bytes, sites)
 
@@ -77,7 +79,7 @@ def check_bytes(data: bytes) -> None:
 
 
 def migrate_file(path: Path, *, rho1: str = "del", utility_module: str = DEFAULT_UTILITY_MODULE,
-                 transform: bool = True) -> FileResult:
+                 transform: bool = True, verify: bool = False) -> FileResult:
     """Read, check and migrate one file; ``transform=False`` only reports its sites."""
     try:
         data = path.read_bytes()
@@ -89,7 +91,7 @@ def migrate_file(path: Path, *, rho1: str = "del", utility_module: str = DEFAULT
     if not transform:
         sites = survey_source(data, rho1=rho1)
         return FileResult(data, data, sites, pending=any(site["action"] != "skipped" for site in sites))
-    return migrate_source(data, str(path), rho1=rho1, utility_module=utility_module)
+    return migrate_source(data, str(path), rho1=rho1, utility_module=utility_module, verify=verify)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -184,3 +184,28 @@ def test_subprocess_exit_codes_and_no_color(tmp_path):
     assert subprocess.run([sys.executable, "-m", "codemods", "apply", "-q", "."], cwd=tmp_path).returncode == 0
     done = subprocess.run([sys.executable, "-m", "codemods", "check", "."], cwd=tmp_path, capture_output=True)
     assert done.returncode == 0
+
+
+def test_apply_verifies_sites_and_skips_one_that_fails(tmp_path, monkeypatch):
+    target = tmp_path / "run_baseline.py"
+    shutil.copy(BEFORE / "run_baseline.py", target)
+    original = target.read_bytes()
+    import codemods.verify
+
+    monkeypatch.setattr(codemods.verify, "verify_programs", lambda programs: [
+        {"line": p.line, "ok": False, "reason": "random: output 0 differs by 0.5", "cases": {}} for p in programs])
+    result = invoke("apply", ".", "--json", "--jobs", "1", cwd=tmp_path)
+    sites = json.loads(result.output)["files"][0]["sites"]
+    assert [s["action"] for s in sites] == ["skipped", "skipped"]
+    assert all(s["reason"].startswith("not verified: random") and not s["verified"] for s in sites)
+    assert target.read_bytes() == original and result.exit_code == 0
+
+
+def test_apply_reports_verified_sites_and_no_verify_skips_verification(tmp_path):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_other.py")
+    verified = json.loads(invoke("apply", "run_baseline.py", "--json", cwd=tmp_path).output)
+    assert [s["verified"] for s in verified["files"][0]["sites"]] == [True, True]
+    assert verified["summary"]["sites_verified"] == 2
+    unverified = json.loads(invoke("apply", "run_other.py", "--json", "--no-verify", cwd=tmp_path).output)
+    assert [(s["action"], s["verified"]) for s in unverified["files"][0]["sites"]] == [("rewritten", False)] * 2

@@ -6,5 +6,6 @@ NEEDED_IMPORTS = "mtp_migrate.needed_imports"  # (module, set of names)
 DEFAULT_UTILITY_MODULE = "weighted_mtp.utils"
 
 
-def report(context, line: int, action: str, reason: str | None = None) -> None:
-    context.scratch.setdefault(SITES, []).append({"line": line, "action": action, "reason": reason})
+def report(context, line: int, action: str, reason: str | None = None, verified: bool = False) -> None:
+    context.scratch.setdefault(SITES, []).append({"line": line, "action": action, "reason": reason,
+                                                  "verified": verified})

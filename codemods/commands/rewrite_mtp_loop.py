@@ -19,7 +19,7 @@ from codemods.commands.add_utility_import import AddUtilityImportCommand
 from codemods.commands.insert_mtp_del import InsertMTPDelCommand
 from codemods.commands.remove_dead_code import RemoveDeadCodeCommand
 from codemods.mtp_loop import find_sites
-from codemods.mtp_loop.emit import action_for, function_name, removed_reads, replacement
+from codemods.mtp_loop.emit import UNWEIGHTED, WEIGHTED, action_for, function_name, removed_reads, replacement
 from codemods.mtp_loop.recognize import reads
 
 UTILITY_SELF = "a loop inside the loss utility itself"
@@ -36,19 +36,28 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
         arg_parser.add_argument("--rho1", choices=["del", "rewrite", "skip"], default="del",
                                 help="rho1-style loops: insert del (default), rewrite them, or skip")
         arg_parser.add_argument("--utility-module", default=DEFAULT_UTILITY_MODULE, dest="utility_module")
+        arg_parser.add_argument("--verify", action="store_true", help="verify each rewrite numerically first")
 
-    def __init__(self, context: CodemodContext, rho1: str = "del", utility_module: str = DEFAULT_UTILITY_MODULE):
+    def __init__(self, context: CodemodContext, rho1: str = "del", utility_module: str = DEFAULT_UTILITY_MODULE,
+                 verify: bool = False):
         super().__init__(context)
         self.rho1 = rho1
         self.utility_module = utility_module
+        self.verify = verify
         self.planned: dict[int, list] = {}  # block id -> sites to rewrite
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         freed: set[str] = set()
         needed: set[str] = set()
         inserts_del = False
-        for site, action, reason in plan(tree, self.rho1):
-            report(self.context, site.line, action, reason)
+        self.taken = reads(tree)
+        planned = plan(tree, self.rho1)
+        verdicts = _verify(planned, self.taken) if self.verify else {}
+        for site, action, reason in planned:
+            verdict = verdicts.get(site.line)
+            if verdict is not None and not verdict["ok"]:
+                action, reason = "skipped", f"not verified: {verdict['reason']}"
+            report(self.context, site.line, action, reason, verified=bool(verdict and verdict["ok"]))
             if action == "rewritten":
                 self.planned.setdefault(site.block_id, []).append(site)
                 freed |= removed_reads(site)
@@ -56,7 +65,6 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
             inserts_del |= action == "del_inserted"
         if not self.planned and not inserts_del:
             return tree
-        self.taken = reads(tree)
         tree = tree.visit(self)
         if inserts_del:
             tree = InsertMTPDelCommand(self.context, self.rho1, report_sites=False).transform_module(tree)
@@ -87,6 +95,24 @@ def plan(tree: cst.Module, rho1: str):
     """``(site, action, reason)`` for every site of ``tree``: what the transform will do."""
     refuse_all = UTILITY_SELF if _defines_utility(tree) else None
     return [(site, *action_for(site, rho1)) for site in find_sites(tree, refuse_all)]
+
+
+def _verify(planned, taken) -> dict[int, dict]:
+    """Verdicts by line for the sites to rewrite; the numbers use the shipped utility."""
+    from codemods.verify import program, verify_programs
+    from codemods.verify.harness import Unverifiable
+
+    imports = {name: DEFAULT_UTILITY_MODULE for name in (WEIGHTED, UNWEIGHTED)}
+    programs, verdicts = [], {}
+    for site, action, _ in planned:
+        if action != "rewritten":
+            continue
+        try:
+            programs.append(program(site, replacement(site, taken), imports))
+        except Unverifiable as error:
+            verdicts[site.line] = {"ok": False, "reason": str(error)}
+    verdicts.update({verdict["line"]: verdict for verdict in verify_programs(programs)})
+    return verdicts
 
 
 def _defines_utility(tree: cst.Module) -> bool:

@@ -113,8 +113,13 @@ class _Facts:
 
     def __init__(self, scope: cst.CSTNode):
         self.dims: dict[str, set[tuple[str, int]]] = {}
+        self.constants: dict[str, int] = {}  # name = <int literal>
+        self.dtypes: set[str] = set()  # name = next(m.parameters()).dtype / x.dtype
         self.bound: Counter[str] = Counter()
         scope.visit(_FactCollector(self))
+
+    def constant(self, name: str) -> int | None:
+        return self.constants.get(name) if self.bound[name] == 1 else None
 
     def dim_of(self, name: str) -> tuple[str, int] | None:
         dims = self.dims.get(name, set())
@@ -143,6 +148,11 @@ class _FactCollector(cst.CSTVisitor):
                 if not isinstance(element, cst.Name):
                     continue
                 self.facts.bound[element.value] += 1
+                if not isinstance(target.target, cst.Tuple):
+                    if m.matches(node.value, m.Integer() | m.UnaryOperation(m.Minus(), m.Integer())):
+                        self.facts.constants[element.value] = int(code(node.value))
+                    if m.matches(node.value, m.Attribute(attr=m.Name("dtype"))):
+                        self.facts.dtypes.add(element.value)
                 dim = _shape_dim(node.value, index if isinstance(target.target, cst.Tuple) else None)
                 if dim:
                     self.facts.dims.setdefault(element.value, set()).add(dim)
@@ -164,11 +174,12 @@ def _shape_dim(value: cst.BaseExpression, index: int | None) -> tuple[str, int] 
         if m.matches(value, m.Call(func=m.Attribute(attr=m.Name("size")), args=[])):
             return code(value.func.value), index
         return None
+    integer = m.Integer() | m.UnaryOperation(operator=m.Minus(), expression=m.Integer())
     if m.matches(value, m.Subscript(value=m.Attribute(attr=m.Name("shape")),
-                                    slice=[m.SubscriptElement(slice=m.Index(value=m.Integer()))])):
-        return code(value.value.value), int(value.slice[0].slice.value.value)
-    if m.matches(value, m.Call(func=m.Attribute(attr=m.Name("size")), args=[m.Arg(value=m.Integer())])):
-        return code(value.func.value), int(value.args[0].value.value)
+                                    slice=[m.SubscriptElement(slice=m.Index(value=integer))])):
+        return code(value.value.value), int(code(value.slice[0].slice.value))
+    if m.matches(value, m.Call(func=m.Attribute(attr=m.Name("size")), args=[m.Arg(value=integer)])):
+        return code(value.func.value), int(code(value.args[0].value))
     return None
 
 
@@ -655,6 +666,7 @@ def build_spec(ev: _LoopEvaluator, averages: dict[str, tuple[str, str]], counter
         head_average=head_average, weighted_output=outputs.get(weighted[0]) if weighted else None,
         unweighted_output=outputs.get(unweighted[0]) if unweighted else None,
         head0_output=head0_output, head0_item=head0_item,
+        per_head_weights=weight_factor is not None and weight_factor[0] == "head",
     )
 
 
@@ -903,6 +915,11 @@ class SiteFinder(cst.CSTVisitor):
     def leave_IndentedBlock(self, node):
         self._blocks.pop()
 
+    def _module_facts(self) -> _Facts:
+        if self._scopes[0][1] is None:
+            self._scopes[0][1] = _Facts(self.module)
+        return self._scopes[0][1]
+
     def _facts(self) -> _Facts:
         scope = self._scopes[-1]
         if scope[1] is None:
@@ -916,6 +933,7 @@ class SiteFinder(cst.CSTVisitor):
                 line = self.get_metadata(PositionProvider, statement).start.line
                 site = analyze(body, index, self._facts(), self._chain(), is_loop, indent, line, self.refuse_all)
                 site.block_id = id(node)
+                site.facts = (self._facts(), self._module_facts())
                 self.sites.append(site)
 
     def _chain(self):

@@ -33,6 +33,7 @@ class LoopSpec:
     unweighted_output: str | None = None
     head0_output: str | None = None  # rho1's head-0 metric: per_head_ce_loss[0]
     head0_item: bool = False  # the metric was taken with .item()
+    per_head_weights: bool = False  # 3-D weights [B, S, n], indexed per head
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Site:
     # count or a head-0 metric. These get `del` by default instead of a rewrite.
     rho1_style: bool = False
     temporaries: tuple[str, ...] = ()  # tensors bound on every path through the body, dead after it
+    facts: tuple = ()  # (enclosing function's, module's) bindings: shapes, constants, dtypes
 
     @property
     def loop(self) -> cst.For:
