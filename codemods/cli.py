@@ -113,7 +113,7 @@ def _summary(reports: list[FileReport]) -> dict:
 def _print_summary(console: Console, reports: list[FileReport], summary: dict, verb: str, quiet: bool) -> None:
     if not quiet:
         table = Table(title=f"mtp-migrate {verb}", show_header=False, title_justify="left")
-        for label, key in [("files scanned", "files"), ("files changed" if verb == "apply" else "files to change", "changed"),
+        for label, key in [("files scanned", "files"), ("files to change" if verb in ("diff", "check") else "files changed", "changed"),
                            ("sites rewritten", "sites_rewritten"), ("sites verified", "sites_verified"),
                            ("dels inserted", "dels_inserted"),
                            ("sites skipped", "sites_skipped"), ("errors", "errors")]:
@@ -217,8 +217,44 @@ def check(**options):
 
 @main.command()
 @_common
-@click.option("--base", required=True, help="git revision to compare against")
-def verify(base, **options):
-    """Check that migrated sites compute what they computed at git REV."""
-    click.echo("error: `verify --base` needs the per-site verifier, which is not built yet", err=True)
-    sys.exit(2)
+@click.option("--base", required=True, metavar="REV", help="git revision to compare against")
+def verify(base, paths, include, exclude, as_json, color, quiet, **_):
+    """Check that every site changed since git REV computes what it computed there."""
+    from codemods.verify.base import git_root, verify_file
+
+    out, err = _consoles(color)
+    paths = tuple(paths) or (Path("."),)
+    for root in paths:
+        try:
+            git_root(root if root.exists() else Path("."))
+        except MigrationError as error:
+            err.print(f"error: {error}", markup=False, highlight=False, style="red", soft_wrap=True)
+            sys.exit(2)
+    reports = []
+    for candidate in discover(paths, tuple(include), tuple(exclude)):
+        path = candidate.path.as_posix()
+        if candidate.problem:
+            reports.append(FileReport(path, "skipped" if candidate.skipped else "error", candidate.problem))
+            continue
+        try:
+            sites = verify_file(candidate.path, base)
+        except (MigrationError, OSError) as error:
+            reports.append(FileReport(path, "error", str(error)))
+            continue
+        reports.append(FileReport(path, "changed" if sites else "unchanged", None, sites))
+    summary = _summary(reports)
+    not_equivalent = [s for r in reports for s in r.sites if s["action"] != "skipped" and not s["verified"]]
+    if as_json:
+        files = [{k: v for k, v in asdict(r).items() if k not in ("source", "output")} for r in reports]
+        click.echo(json.dumps({"files": files, "summary": summary}, indent=2))
+    else:
+        for report in reports:
+            for site in report.sites:
+                verdict = "equivalent" if site["verified"] else f"NOT equivalent: {site['reason']}"
+                if site["action"] == "skipped":
+                    verdict = f"skipped: {site['reason']}"
+                if quiet and site["verified"]:
+                    continue
+                out.print(f"{report.path}:{site['line']}: {verdict}", markup=False, highlight=False, soft_wrap=True)
+        _print_summary(out, reports, summary, "verify", quiet)
+    sys.exit(2 if summary["errors"] else 1 if not_equivalent else 0)

@@ -28,13 +28,17 @@ def test_after_is_exactly_the_tool_output(name):
     assert migrate_source(result.output).output == result.output
 
 
-def _train_and_validate(module, dtype):
-    """One training step and one validation pass; returns metrics and parameter gradients."""
+def _train_and_validate(module, dtype, lr=0.1, start_dtype=None):
+    """One training step and one validation pass; returns metrics and parameter gradients.
+
+    The models start from the same seed, rounded through ``start_dtype`` when given.
+    """
     tiny = _load(PIPELINES / "tiny_mtp.py")
     torch.manual_seed(0)
-    model = tiny.TinyMTP(dtype=dtype)
-    reference = tiny.TinyMTP(dtype=dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, reference = tiny.TinyMTP(), tiny.TinyMTP()
+    for network in (model, reference):
+        network.to(start_dtype or dtype).to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     batches = [tiny.make_batch(seed) for seed in range(4)]
     name = module.__name__.split("_", 1)[1]
     if name == "run_verifiable":
@@ -64,3 +68,21 @@ def test_before_and_after_train_identically_in_fp64(name):
             assert after_grads[param_name] is None, param_name
         else:
             torch.testing.assert_close(after_grads[param_name], grad, rtol=1e-10, atol=1e-12, msg=param_name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_error_is_no_worse_than_the_loops(name):
+    """Against an fp64 run from the same bf16 parameters, after/ errs no more than before/."""
+    before, after = _load(PIPELINES / "before" / f"{name}.py"), _load(PIPELINES / "after" / f"{name}.py")
+    exact_metrics, exact_grads = _train_and_validate(before, torch.float64, lr=0.0, start_dtype=torch.bfloat16)
+    old_metrics, old_grads = _train_and_validate(before, torch.bfloat16, lr=0.0)
+    new_metrics, new_grads = _train_and_validate(after, torch.bfloat16, lr=0.0)
+    for key, exact in exact_metrics.items():
+        if isinstance(exact, float):
+            old_error, new_error = abs(old_metrics[key] - exact), abs(new_metrics[key] - exact)
+            assert new_error <= old_error * 1.01 + 1e-3 * abs(exact), (key, new_error, old_error)
+    for param_name, exact in exact_grads.items():
+        if exact is not None:
+            old_error = (old_grads[param_name].double() - exact).norm()
+            new_error = (new_grads[param_name].double() - exact).norm()
+            assert new_error <= old_error * 1.01 + 1e-3 * exact.norm(), (param_name, new_error, old_error)

@@ -1,6 +1,10 @@
 """The per-site verifier: it passes the tool's rewrites and catches seeded wrong ones."""
 
+import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import libcst as cst
@@ -61,3 +65,42 @@ def test_a_hanging_replacement_times_out():
     hanging = [cst.parse_statement("while True:\n    pass\n"), *statements]
     (verdict,) = verify_programs([program(site, hanging, IMPORTS)], timeout=20)
     assert not verdict["ok"] and "timed out" in verdict["reason"]
+
+
+def _git(*args, cwd):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_verify_base_passes_after_apply_and_fails_on_a_hand_broken_copy(tmp_path):
+    pipelines = Path(__file__).parents[1] / "fixtures" / "pipelines"
+    shutil.copytree(pipelines / "before", tmp_path / "pipelines")
+    _git("init", "-q", cwd=tmp_path)
+    _git("add", "-A", cwd=tmp_path)
+    _git("commit", "-qm", "before", cwd=tmp_path)
+    command = [sys.executable, "-m", "codemods"]
+    subprocess.run([*command, "apply", "-q", "."], cwd=tmp_path, check=True)
+    _git("commit", "-qam", "mtp-migrate apply", cwd=tmp_path)
+
+    passed = subprocess.run([*command, "verify", "--base", "HEAD~1", ".", "--json"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    sites = [s for f in json.loads(passed.stdout)["files"] for s in f["sites"]]
+    assert len(sites) == 6 and all(s["verified"] for s in sites)
+
+    broken = tmp_path / "pipelines" / "run_baseline.py"
+    broken.write_text(broken.read_text().replace("attention_mask=attention_mask,", "attention_mask=attention_mask,\n"
+                                                 "        mask_ignored_labels=False,", 1))
+    failed = subprocess.run([*command, "verify", "--base", "HEAD~1", ".", "-q"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert "run_baseline.py:26: NOT equivalent" in failed.stdout
+
+    unknown = subprocess.run([*command, "verify", "--base", "no-such-rev", "."], cwd=tmp_path, capture_output=True)
+    assert unknown.returncode == 2
+
+
+def test_verify_base_outside_git_is_an_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "codemods", "verify", "--base", "HEAD", "."], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "not a git repository" in done.stderr

@@ -934,6 +934,8 @@ class SiteFinder(cst.CSTVisitor):
                 site = analyze(body, index, self._facts(), self._chain(), is_loop, indent, line, self.refuse_all)
                 site.block_id = id(node)
                 site.facts = (self._facts(), self._module_facts())
+                site.span = (self.get_metadata(PositionProvider, body[site.start]).start.line,
+                             self.get_metadata(PositionProvider, body[site.stop - 1]).end.line)
                 self.sites.append(site)
 
     def _chain(self):

@@ -55,6 +55,7 @@ class Site:
     rho1_style: bool = False
     temporaries: tuple[str, ...] = ()  # tensors bound on every path through the body, dead after it
     facts: tuple = ()  # (enclosing function's, module's) bindings: shapes, constants, dtypes
+    span: tuple[int, int] = (0, 0)  # first and last line of body[start:stop]
 
     @property
     def loop(self) -> cst.For:
