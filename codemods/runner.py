@@ -33,7 +33,8 @@ class FileResult:
         return self.pending or self.output != self.source
 
 
-def _parse(source: bytes) -> tuple[bytes, cst.Module]:
+def parse_source(source: bytes) -> tuple[bytes, cst.Module]:
+    """``(BOM, module)``; a syntax or encoding problem becomes a ``MigrationError``."""
     bom = codecs.BOM_UTF8 if source.startswith(codecs.BOM_UTF8) else b""
     try:
         return bom, cst.parse_module(source[len(bom):])
@@ -45,7 +46,7 @@ def _parse(source: bytes) -> tuple[bytes, cst.Module]:
 
 def survey_source(source: bytes, *, rho1: str = "del") -> list[dict]:
     """The site reports ``migrate_source`` would give, without transforming (for ``check``)."""
-    _, module = _parse(source)
+    _, module = parse_source(source)
     return [{"line": site.line, "action": action, "reason": reason, "verified": False}
             for site, action, reason in plan(module, rho1)]
 
@@ -53,7 +54,7 @@ def survey_source(source: bytes, *, rho1: str = "del") -> list[dict]:
 def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = "del",
                    utility_module: str = DEFAULT_UTILITY_MODULE, verify: bool = False) -> FileResult:
     """Apply ``RewriteMTPLoopCommand`` (and the commands it runs) to ``source``."""
-    bom, module = _parse(source)
+    bom, module = parse_source(source)
     context = CodemodContext(filename=filename)
     command = RewriteMTPLoopCommand(context, rho1=rho1, utility_module=utility_module, verify=verify)
     output = command.transform_module(module)

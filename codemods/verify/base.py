@@ -12,7 +12,7 @@ import libcst as cst
 from codemods.commands._scratch import DEFAULT_UTILITY_MODULE
 from codemods.commands.rewrite_mtp_loop import plan
 from codemods.mtp_loop.emit import UNWEIGHTED, WEIGHTED
-from codemods.runner import MigrationError, _parse
+from codemods.runner import MigrationError, parse_source
 from codemods.verify.harness import Unverifiable, program, verify_programs
 
 IMPORTS = {name: DEFAULT_UTILITY_MODULE for name in (WEIGHTED, UNWEIGHTED)}
@@ -46,9 +46,9 @@ def verify_file(path: Path, revision: str) -> list[dict]:
     old = file_at(git_root(path), revision, path)
     if old is None or old == current:
         return []
-    _, old_module = _parse(old)
+    _, old_module = parse_source(old)
     old_lines = old_module.code.splitlines(keepends=True)
-    new_lines = _parse(current)[1].code.splitlines(keepends=True)
+    new_lines = parse_source(current)[1].code.splitlines(keepends=True)
     opcodes = difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False).get_opcodes()
     reports, programs = [], []
     for site, _, _ in plan(old_module, "rewrite"):
