@@ -57,8 +57,7 @@ def process(path: str, rho1: str, utility_module: str, transform: bool, verify: 
 
 
 def _process_all(candidates, options, jobs: int, console: Console) -> list[FileReport]:
-    reports = {c.path.as_posix(): FileReport(c.path.as_posix(), "skipped" if c.skipped else "error", c.problem)
-               for c in candidates if c.problem}
+    reports = {c.path.as_posix(): _problem_report(c) for c in candidates if c.problem}
     todo = [c.path.as_posix() for c in candidates if not c.problem]
     show_progress = console.is_terminal and len(todo) > 1
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -76,6 +75,15 @@ def _process_all(candidates, options, jobs: int, console: Console) -> list[FileR
                 reports[path] = work(path)
                 progress.advance(task)
     return [reports[key] for key in sorted(reports)]
+
+
+def _problem_report(candidate) -> FileReport:
+    return FileReport(candidate.path.as_posix(), "skipped" if candidate.skipped else "error", candidate.problem)
+
+
+def _print_json(reports: list[FileReport], summary: dict) -> None:
+    files = [{k: v for k, v in asdict(r).items() if k not in ("source", "output")} for r in reports]
+    click.echo(json.dumps({"files": files, "summary": summary}, indent=2))
 
 
 def _vendoring_reports(paths, reports, utility_module) -> list[FileReport]:
@@ -179,8 +187,7 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, utility_modu
                 report.status, report.error = "error", f"cannot write: {error.strerror or error}"
     summary = _summary(reports)
     if as_json:
-        files = [{k: v for k, v in asdict(r).items() if k not in ("source", "output")} for r in reports]
-        click.echo(json.dumps({"files": files, "summary": summary}, indent=2))
+        _print_json(reports, summary)
     else:
         _print_summary(err if verb == "diff" else out, reports, summary, verb, quiet)
     if summary["errors"]:
@@ -234,7 +241,7 @@ def verify(base, paths, include, exclude, as_json, color, quiet, **_):
     for candidate in discover(paths, tuple(include), tuple(exclude)):
         path = candidate.path.as_posix()
         if candidate.problem:
-            reports.append(FileReport(path, "skipped" if candidate.skipped else "error", candidate.problem))
+            reports.append(_problem_report(candidate))
             continue
         try:
             sites = verify_file(candidate.path, base)
@@ -245,8 +252,7 @@ def verify(base, paths, include, exclude, as_json, color, quiet, **_):
     summary = _summary(reports)
     not_equivalent = [s for r in reports for s in r.sites if s["action"] != "skipped" and not s["verified"]]
     if as_json:
-        files = [{k: v for k, v in asdict(r).items() if k not in ("source", "output")} for r in reports]
-        click.echo(json.dumps({"files": files, "summary": summary}, indent=2))
+        _print_json(reports, summary)
     else:
         for report in reports:
             for site in report.sites:
