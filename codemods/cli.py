@@ -227,13 +227,15 @@ def check(**options):
 @click.option("--base", required=True, metavar="REV", help="git revision to compare against")
 def verify(base, paths, include, exclude, as_json, color, quiet, **_):
     """Check that every site changed since git REV computes what it computed there."""
-    from codemods.verify.base import git_root, verify_file
+    from codemods.verify.base import changed_since, git_root, verify_file
 
     out, err = _consoles(color)
     paths = tuple(paths) or (Path("."),)
-    for root in paths:
+    changed: dict[Path, Path] = {}  # changed file -> its repository root
+    for path in paths:
         try:
-            git_root(root if root.exists() else Path("."))
+            root = git_root(path if path.exists() else Path("."))
+            changed |= dict.fromkeys(changed_since(root, base), root)
         except MigrationError as error:
             err.print(f"error: {error}", markup=False, highlight=False, style="red", soft_wrap=True)
             sys.exit(2)
@@ -243,8 +245,9 @@ def verify(base, paths, include, exclude, as_json, color, quiet, **_):
         if candidate.problem:
             reports.append(_problem_report(candidate))
             continue
+        root = changed.get(candidate.path.resolve())
         try:
-            sites = verify_file(candidate.path, base)
+            sites = [] if root is None else verify_file(candidate.path, root, base)
         except (MigrationError, OSError) as error:
             reports.append(FileReport(path, "error", str(error)))
             continue

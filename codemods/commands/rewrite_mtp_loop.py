@@ -44,22 +44,26 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
         self.rho1 = rho1
         self.utility_module = utility_module
         self.verify = verify
-        self.planned: dict[int, list] = {}  # block id -> sites to rewrite
+        self.planned: dict[int, list] = {}  # block id -> [(site, replacement statements)]
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         freed: set[str] = set()
         needed: set[str] = set()
         inserts_del = False
-        self.taken = reads(tree)
+        replacements: dict[int, list] = {}
         planned = plan(tree, self.rho1)
-        verdicts = _verify(planned, self.taken) if self.verify else {}
+        if any(action == "rewritten" for _, action, _ in planned):
+            taken = reads(tree)
+            # Built once: the statements verified are the statements written.
+            replacements = {id(site): replacement(site, taken) for site, action, _ in planned if action == "rewritten"}
+        verdicts = _verify(planned, replacements) if self.verify and replacements else {}
         for site, action, reason in planned:
             verdict = verdicts.get(site.line)
             if verdict is not None and not verdict["ok"]:
                 action, reason = "skipped", f"not verified: {verdict['reason']}"
             report(self.context, site.line, action, reason, verified=bool(verdict and verdict["ok"]))
             if action == "rewritten":
-                self.planned.setdefault(site.block_id, []).append(site)
+                self.planned.setdefault(site.block_id, []).append((site, replacements[id(site)]))
                 freed |= removed_reads(site)
                 needed.add(function_name(site.spec))
             inserts_del |= action == "del_inserted"
@@ -80,8 +84,8 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
         if not sites:
             return updated_node
         body = list(updated_node.body)
-        for site in sorted(sites, key=lambda s: s.start, reverse=True):
-            body[site.start:site.stop] = replacement(site, self.taken)
+        for site, statements in sorted(sites, key=lambda pair: pair[0].start, reverse=True):
+            body[site.start:site.stop] = statements
         return updated_node.with_changes(body=body)
 
     def leave_IndentedBlock(self, original_node, updated_node):
@@ -97,7 +101,7 @@ def plan(tree: cst.Module, rho1: str):
     return [(site, *action_for(site, rho1)) for site in find_sites(tree, refuse_all)]
 
 
-def _verify(planned, taken) -> dict[int, dict]:
+def _verify(planned, replacements) -> dict[int, dict]:
     """Verdicts by line for the sites to rewrite; the numbers use the shipped utility."""
     from codemods.verify import program, verify_programs
     from codemods.verify.harness import Unverifiable
@@ -108,7 +112,7 @@ def _verify(planned, taken) -> dict[int, dict]:
         if action != "rewritten":
             continue
         try:
-            programs.append(program(site, replacement(site, taken), imports))
+            programs.append(program(site, replacements[id(site)], imports))
         except Unverifiable as error:
             verdicts[site.line] = {"ok": False, "reason": str(error)}
     verdicts.update({verdict["line"]: verdict for verdict in verify_programs(programs)})

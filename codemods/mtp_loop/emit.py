@@ -30,7 +30,7 @@ def _arguments(spec: LoopSpec, name: str) -> list[tuple[str, str]]:
     if spec.ignore_index is not None:
         args.append(("ignore_index", code(spec.ignore_index)))
     if spec.weights is not None and spec.weight_alignment != "target":
-        args.append(("weight_alignment", repr(spec.weight_alignment).replace("'", '"')))
+        args.append(("weight_alignment", f'"{spec.weight_alignment}"'))
     if not spec.mask_ignored_labels:
         args.append(("mask_ignored_labels", "False"))
     if spec.normalize != "mask":

@@ -116,7 +116,7 @@ class _Facts:
         self.constants: dict[str, int] = {}  # name = <int literal>
         self.dtypes: set[str] = set()  # name = next(m.parameters()).dtype / x.dtype
         self.bound: Counter[str] = Counter()
-        scope.visit(_FactCollector(self))
+        scope.visit(_FactCollector(self, scope))
 
     def constant(self, name: str) -> int | None:
         return self.constants.get(name) if self.bound[name] == 1 else None
@@ -129,16 +129,12 @@ class _Facts:
 
 
 class _FactCollector(cst.CSTVisitor):
-    def __init__(self, facts: _Facts):
+    def __init__(self, facts: _Facts, scope: cst.CSTNode):
         self.facts = facts
-        self.depth = 0
+        self.scope = scope
 
     def visit_FunctionDef(self, node):
-        self.depth += 1
-        return self.depth == 1  # the scope itself, not nested functions
-
-    def leave_FunctionDef(self, node):
-        self.depth -= 1
+        return node is self.scope  # the scope itself, not the functions inside it
 
     def visit_Assign(self, node: cst.Assign):
         for target in node.targets:
@@ -206,15 +202,19 @@ class _NameCollector(cst.CSTVisitor):
         return False
 
 
-_READS: dict[int, tuple[cst.CSTNode, frozenset[str]]] = {}  # per find_sites run; holds the node so ids stay valid
+# Memo of reads() while find_sites runs (it asks about the same statements many times);
+# entries hold their node so that ids stay valid. None outside a run: nothing is kept.
+_READS: dict[int, tuple[cst.CSTNode, frozenset[str]]] | None = None
 
 
 def reads(node: cst.CSTNode) -> frozenset[str]:
-    cached = _READS.get(id(node))
+    cached = None if _READS is None else _READS.get(id(node))
     if cached is None or cached[0] is not node:
         collector = _NameCollector()
         node.visit(collector)
-        cached = _READS[id(node)] = (node, frozenset(collector.names))
+        cached = (node, frozenset(collector.names))
+        if _READS is not None:
+            _READS[id(node)] = cached
     return cached[1]
 
 
@@ -957,10 +957,12 @@ def find_sites(module: cst.Module, refuse_all: str | None = None) -> list[Site]:
     module.visit(loops)
     if not loops.found:
         return []
+    global _READS
     wrapper = cst.MetadataWrapper(module, unsafe_skip_copy=True)
     finder = SiteFinder(module, loops.found, refuse_all)
+    _READS = {}
     try:
         wrapper.visit(finder)
     finally:
-        _READS.clear()
+        _READS = None
     return finder.sites

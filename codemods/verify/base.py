@@ -26,26 +26,25 @@ def git_root(path: Path) -> Path:
     return Path(done.stdout.strip())
 
 
-def file_at(root: Path, revision: str, path: Path) -> bytes | None:
-    """The file's bytes at ``revision``, or None if it did not exist there."""
-    relative = path.resolve().relative_to(root.resolve()).as_posix()
-    done = subprocess.run(["git", "cat-file", "-e", f"{revision}:{relative}"], cwd=root, capture_output=True)
-    if done.returncode != 0:
-        check = subprocess.run(["git", "rev-parse", "--verify", f"{revision}^{{commit}}"], cwd=root,
-                               capture_output=True)
-        if check.returncode != 0:
-            raise MigrationError(f"unknown revision {revision!r}")
-        return None
-    return subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=root, capture_output=True,
-                          check=True).stdout
+def changed_since(root: Path, revision: str) -> set[Path]:
+    """Files of the repository at ``root`` whose working-tree contents differ from ``revision``."""
+    check = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"], cwd=root,
+                           capture_output=True)
+    if check.returncode != 0:
+        raise MigrationError(f"unknown revision {revision!r}")
+    done = subprocess.run(["git", "diff", "--name-only", "-z", revision, "--"], cwd=root, capture_output=True,
+                          check=True)
+    return {(root / name).resolve() for name in done.stdout.decode().split("\0") if name}
 
 
-def verify_file(path: Path, revision: str) -> list[dict]:
-    """One report per site of the old version that the current file changed."""
+def verify_file(path: Path, root: Path, revision: str) -> list[dict]:
+    """One report per site of the old version that the current file changed (a file in ``changed_since``)."""
     current = path.read_bytes()
-    old = file_at(git_root(path), revision, path)
-    if old is None or old == current:
+    relative = path.resolve().relative_to(root.resolve()).as_posix()
+    done = subprocess.run(["git", "show", f"{revision}:{relative}"], cwd=root, capture_output=True)
+    if done.returncode != 0:  # the file is new since the revision: nothing to compare with
         return []
+    old = done.stdout
     _, old_module = parse_source(old)
     old_lines = old_module.code.splitlines(keepends=True)
     new_lines = parse_source(current)[1].code.splitlines(keepends=True)
