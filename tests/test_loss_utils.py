@@ -1,5 +1,7 @@
 """compute_mtp_ce_loss against the plain per-head loop: values, gradients, options, errors."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -12,25 +14,35 @@ OUTPUTS = ("weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss")
 
 
 def make_batch(batch, seq, heads, vocab, *, seed=0, dtype=torch.float64, weights="2d", ignored_prefix=1,
-               padding=1, mask_dtype=torch.long):
-    """Logits, labels with an ignored prefix, an attention mask with right padding, weights."""
+               padding=1, mask_dtype=torch.long, mask_values="binary", weight_scale=1.0):
+    """Logits, labels with an ignored prefix, an attention mask with right padding, weights.
+
+    ``mask_values``: ``"binary"`` (0/1), ``"soft"`` (in [0.1, 1)) or ``"segments"`` (ids 0..3).
+    """
     gen = torch.Generator().manual_seed(seed)
     logits = (3 * torch.randn(batch, seq, heads, vocab, generator=gen, dtype=torch.float64)).to(dtype)
     labels = torch.randint(0, vocab, (batch, seq), generator=gen)
     labels[:, :ignored_prefix] = -100
-    attention_mask = torch.ones(batch, seq, dtype=mask_dtype)
+    attention_mask = {
+        "binary": lambda: torch.ones(batch, seq),
+        "soft": lambda: 0.1 + 0.9 * torch.rand(batch, seq, generator=gen, dtype=torch.float64),
+        "segments": lambda: torch.randint(0, 4, (batch, seq), generator=gen),
+    }[mask_values]().to(mask_dtype)
     if padding:
         attention_mask[-1, seq - padding:] = 0
         labels[-1, seq - padding:] = -100
     shape = {"2d": (batch, seq), "3d": (batch, seq, heads), None: None}[weights]
     weight_tensor = None if shape is None else torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype)
+    if weight_tensor is not None:
+        weight_tensor *= weight_scale
     return logits, labels, attention_mask, weight_tensor
 
 
 def losses_and_grads(loss_fn, logits, labels, attention_mask, weights, **options):
     """Outputs and d(sum of outputs, mixed)/d(logits, weights) of one loss implementation."""
     logits = logits.detach().clone().requires_grad_(True)
-    weights = None if weights is None else weights.detach().clone().requires_grad_(True)
+    if weights is not None and weights.is_floating_point():  # integer and bool weights cannot require grad
+        weights = weights.detach().clone().requires_grad_(True)
     out = loss_fn(logits, labels, attention_mask, weights, **options)
     mix = torch.linspace(0.5, 1.5, out["per_head_ce_loss"].numel(), dtype=out["per_head_ce_loss"].dtype)
     total = out["weighted_ce_loss"] + 0.3 * out["unweighted_ce_loss"] + (mix * out["per_head_ce_loss"]).sum()
@@ -40,7 +52,7 @@ def losses_and_grads(loss_fn, logits, labels, attention_mask, weights, **options
     def grad_of(tensor):
         return torch.zeros_like(tensor) if tensor.grad is None else tensor.grad
 
-    return out, grad_of(logits), None if weights is None else grad_of(weights)
+    return out, grad_of(logits), None if weights is None or not weights.requires_grad else grad_of(weights)
 
 
 def assert_same(ours, reference, atol, rtol=0.0):
@@ -54,7 +66,7 @@ def assert_same(ours, reference, atol, rtol=0.0):
 
 
 @st.composite
-def problems(draw):
+def problems(draw, mask_dtypes=(torch.long, torch.bool, torch.float32), mask_values=("binary",)):
     heads = draw(st.integers(1, 4))
     seq = draw(st.integers(1, 9))  # includes S <= n: heads with no positions at all
     batch = draw(st.integers(1, 3))
@@ -72,7 +84,9 @@ def problems(draw):
         "weights": weights,
         "ignored_prefix": draw(st.integers(0, seq)),  # seq: everything ignored
         "padding": draw(st.integers(0, seq)),
-        "mask_dtype": draw(st.sampled_from([torch.long, torch.bool, torch.float32])),
+        "mask_dtype": draw(st.sampled_from(mask_dtypes)),
+        "mask_values": draw(st.sampled_from(mask_values)),
+        "weight_scale": draw(st.sampled_from([1.0, 1.0, 0.0, -1.0, 3.0])),  # D_k <= 0 for zero/negative weights
     }
     vocab = draw(st.integers(2, 7))
     return make_batch(batch, seq, heads, vocab, **batch_kwargs), options
@@ -103,6 +117,157 @@ def test_gradcheck(normalize, head_average, weights):
         return tuple(out[key] for key in OUTPUTS)
 
     assert torch.autograd.gradcheck(fn, (logits, weight_tensor))
+
+
+# The attention mask as a differentiable input: the loop multiplies by its values.
+
+WEIGHT_FORMS = [("2d", "target"), ("2d", "previous"), ("2d", "input"), ("3d", "input"), (None, "target")]
+
+
+def mask_gradients(loss_fn, logits, labels, attention_mask, weights, **options):
+    """Outputs, and for each output alone and for a linear combination of all three, the
+    gradients of ``[attention_mask, logits, weights]`` (all of them require grad)."""
+    mask = attention_mask.detach().clone().requires_grad_(True)
+    inputs = [mask, logits.detach().clone().requires_grad_(True)]
+    if weights is not None:
+        inputs.append(weights.detach().clone().requires_grad_(True))
+    out = loss_fn(inputs[1], labels, mask, None if weights is None else inputs[2], **options)
+    per_head = out["per_head_ce_loss"]
+    mixed_heads = (torch.linspace(0.5, 1.5, per_head.numel(), dtype=per_head.dtype) * per_head).sum()
+    objectives = {
+        "weighted_ce_loss": out["weighted_ce_loss"],
+        "unweighted_ce_loss": out["unweighted_ce_loss"],
+        "per_head_ce_loss": mixed_heads,
+        "combination": -0.7 * out["weighted_ce_loss"] + 0.3 * out["unweighted_ce_loss"] + mixed_heads,
+    }
+    grads = {}
+    for name, objective in objectives.items():
+        found = [None] * len(inputs)
+        if objective.requires_grad:  # the loop builds no graph when no head has a position (S == 1)
+            found = torch.autograd.grad(objective, inputs, retain_graph=True, allow_unused=True)
+        grads[name] = [torch.zeros_like(x) if grad is None else grad for x, grad in zip(inputs, found, strict=True)]
+    return out, grads
+
+
+def assert_same_mask_gradients(ours, reference, atol, rtol=0.0):
+    for key in OUTPUTS:
+        torch.testing.assert_close(ours[0][key], reference[0][key], atol=atol, rtol=rtol, msg=key)
+    for name, grads in reference[1].items():
+        for which, got, want in zip(("mask", "logits", "weights")[:len(grads)], ours[1][name], grads, strict=True):
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=f"d({name})/d({which})")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(mask_dtypes=(torch.float64,), mask_values=("soft", "segments", "binary")))
+def test_mask_gradient_matches_reference_loop_fp64(problem):
+    inputs, options = problem
+    ours = mask_gradients(compute_mtp_ce_loss, *inputs, **options)
+    options.pop("chunk_size")
+    assert_same_mask_gradients(ours, mask_gradients(reference_mtp_ce_loss, *inputs, **options), atol=1e-12)
+
+
+@pytest.mark.parametrize(("weights", "alignment"), WEIGHT_FORMS)
+def test_mask_gradient_every_option_combination(weights, alignment):
+    logits, labels, mask, weight_tensor = make_batch(3, 6, 4, 5, weights=weights, seed=21, padding=2,
+                                                     mask_dtype=torch.float64, mask_values="soft")
+    labels[:, 4:] = -100  # head 4 sees no valid label: D_4 == 0 when ignored labels are masked
+    for mask_ignored_labels, normalize, head_average, n_future, chunk_size in itertools.product(
+        [True, False], ["mask", "weights"], ["all", "valid"], [None, 2], [None, 1, 5]
+    ):
+        options = {"mask_ignored_labels": mask_ignored_labels, "normalize": normalize, "head_average": head_average,
+                   "n_future": n_future, "weight_alignment": alignment}
+        ours = mask_gradients(compute_mtp_ce_loss, logits, labels, mask, weight_tensor, chunk_size=chunk_size,
+                              **options)
+        reference = mask_gradients(reference_mtp_ce_loss, logits, labels, mask, weight_tensor, **options)
+        assert torch.count_nonzero(reference[1]["combination"][0]) > 0  # the loop does differentiate the mask
+        assert_same_mask_gradients(ours, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_fn", [compute_mtp_ce_loss, reference_mtp_ce_loss])
+@pytest.mark.parametrize("normalize", ["mask", "weights"])
+@pytest.mark.parametrize("mask_ignored_labels", [True, False])
+def test_gradcheck_with_mask(loss_fn, normalize, mask_ignored_labels):
+    logits, labels, mask, weights = make_batch(2, 6, 3, 5, seed=4, mask_dtype=torch.float64, mask_values="soft")
+    for tensor in (logits, mask, weights):
+        tensor.requires_grad_(True)
+
+    def fn(x, m, w):
+        out = loss_fn(x, labels, m, w, normalize=normalize, mask_ignored_labels=mask_ignored_labels,
+                      head_average="valid", weight_alignment="previous")
+        return tuple(out[key] for key in OUTPUTS)
+
+    assert torch.autograd.gradcheck(fn, (logits, mask, weights))
+
+
+@pytest.mark.parametrize(("mask_values", "mask_dtype"), [
+    ("segments", torch.long), ("segments", torch.int32), ("segments", torch.float64),
+    ("soft", torch.float32), ("soft", torch.float64), ("soft", torch.bfloat16),
+])
+@pytest.mark.parametrize("normalize", ["mask", "weights"])
+def test_mask_values_are_used_not_binarised(mask_values, mask_dtype, normalize):
+    logits, labels, mask, weights = make_batch(3, 7, 3, 6, seed=8, mask_dtype=mask_dtype, mask_values=mask_values)
+    ours = losses_and_grads(compute_mtp_ce_loss, logits, labels, mask, weights, normalize=normalize)
+    assert_same(ours, losses_and_grads(reference_mtp_ce_loss, logits, labels, mask, weights, normalize=normalize),
+                atol=1e-12)
+    binarised = compute_mtp_ce_loss(logits, labels, mask != 0, weights, normalize=normalize)
+    assert not torch.allclose(binarised["weighted_ce_loss"], ours[0]["weighted_ce_loss"], atol=1e-6, rtol=0)
+
+
+def test_mask_gradient_alone_dtype_and_only_when_requested():
+    logits, labels, mask, weights = make_batch(2, 7, 3, 5, seed=6, mask_dtype=torch.float32, mask_values="soft")
+    # Only the mask requires grad: the Function must still save what its backward needs.
+    for overwrite_logits in (False, True):
+        soft = mask.clone().requires_grad_(True)
+        out = compute_mtp_ce_loss(logits.clone(), labels, soft, weights, overwrite_logits=overwrite_logits)
+        (out["weighted_ce_loss"] + out["unweighted_ce_loss"]).backward()
+        loop_mask = mask.clone().requires_grad_(True)
+        ref = reference_mtp_ce_loss(logits, labels, loop_mask, weights)
+        (ref["weighted_ce_loss"] + ref["unweighted_ce_loss"]).backward()
+        assert soft.grad.dtype == torch.float32
+        torch.testing.assert_close(soft.grad, loop_mask.grad, atol=1e-6, rtol=1e-6)
+
+    frozen = mask.clone()  # floating, but not requiring grad
+    logits.requires_grad_(True)
+    compute_mtp_ce_loss(logits, labels, frozen, weights)["weighted_ce_loss"].backward()
+    assert frozen.grad is None and logits.grad is not None
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", ["mask", "weights"])
+def test_bf16_mask_gradient_error_no_worse_than_loop(mask_dtype, normalize):
+    """Against an fp64 run on the same bf16 values, our mask gradient's error must not exceed the loop's."""
+    logits, labels, mask, weights = make_batch(4, 64, 4, 512, seed=12, dtype=torch.bfloat16, mask_dtype=mask_dtype,
+                                               mask_values="soft")
+    exact = mask_gradients(reference_mtp_ce_loss, logits.double(), labels, mask.double(), weights.double(),
+                           normalize=normalize)
+    ours = mask_gradients(compute_mtp_ce_loss, logits, labels, mask, weights, normalize=normalize)
+    loop = mask_gradients(reference_mtp_ce_loss, logits, labels, mask, weights, normalize=normalize)
+    for name, grads in exact[1].items():
+        ours_err = (ours[1][name][0].double() - grads[0]).norm()
+        loop_err = (loop[1][name][0].double() - grads[0]).norm()
+        assert ours_err <= loop_err, name
+
+
+# Integer and bool weights: the loop promotes them, so their values are used as they are.
+
+@pytest.mark.parametrize("weight_dtype", [torch.long, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize(("weights", "alignment"), WEIGHT_FORMS[:4])
+@pytest.mark.parametrize("normalize", ["mask", "weights"])
+@pytest.mark.parametrize("head_average", ["all", "valid"])
+def test_integer_and_bool_weights_match_reference_loop(weight_dtype, weights, alignment, normalize, head_average):
+    logits, labels, mask, float_weights = make_batch(3, 7, 3, 6, weights=weights, seed=9)
+    gen = torch.Generator().manual_seed(1)
+    low = {torch.long: -1, torch.int32: -1, torch.uint8: 0, torch.bool: 0}[weight_dtype]
+    high = 2 if weight_dtype == torch.bool else 4
+    integer_weights = torch.randint(low, high, float_weights.shape, generator=gen).to(weight_dtype)
+    options = {"weight_alignment": alignment, "normalize": normalize, "head_average": head_average}
+    ours = losses_and_grads(compute_mtp_ce_loss, logits, labels, mask, integer_weights, chunk_size=4, **options)
+    assert ours[2] is None
+    assert_same(ours, losses_and_grads(reference_mtp_ce_loss, logits, labels, mask, integer_weights, **options),
+                atol=1e-12)
+    as_float = compute_mtp_ce_loss(logits, labels, mask, integer_weights.double(), **options)
+    for key in OUTPUTS:
+        torch.testing.assert_close(ours[0][key], as_float[key], atol=0, rtol=0)
 
 
 def test_head_with_no_valid_token_and_everything_masked():
@@ -175,12 +340,13 @@ def test_chunk_size_does_not_change_result():
 
 
 def test_no_grad_builds_no_graph_and_matches():
-    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
-    logits.requires_grad_(True)
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5, mask_dtype=torch.float64, mask_values="soft")
+    for tensor in (logits, attention_mask, weights):
+        tensor.requires_grad_(True)
     with torch.no_grad():
         out = compute_mtp_ce_loss(logits, labels, attention_mask, weights)
     assert all(out[key].grad_fn is None and not out[key].requires_grad for key in OUTPUTS)
-    ref = reference_mtp_ce_loss(logits.detach(), labels, attention_mask, weights)
+    ref = reference_mtp_ce_loss(logits.detach(), labels, attention_mask.detach(), weights.detach())
     for key in OUTPUTS:
         torch.testing.assert_close(out[key], ref[key], atol=1e-12, rtol=0)
 
@@ -210,19 +376,22 @@ def test_overwrite_logits_reuses_storage_and_matches(dtype):
 
 
 def test_retain_graph_and_double_backward():
-    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5, mask_dtype=torch.float64, mask_values="soft")
     logits.requires_grad_(True)
+    attention_mask.requires_grad_(True)
     loss = compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"]
     loss.backward(retain_graph=True)
-    first = logits.grad.clone()
+    first, first_mask = logits.grad.clone(), attention_mask.grad.clone()
     loss.backward()
     torch.testing.assert_close(logits.grad, 2 * first, atol=1e-15, rtol=0)
+    torch.testing.assert_close(attention_mask.grad, 2 * first_mask, atol=1e-15, rtol=0)
 
-    (grad,) = torch.autograd.grad(
-        compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"], logits, create_graph=True
-    )
-    with pytest.raises(RuntimeError, match="differentiated only once"):
-        grad.sum().backward()
+    for wrt in (logits, attention_mask):
+        (grad,) = torch.autograd.grad(
+            compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"], wrt, create_graph=True
+        )
+        with pytest.raises(RuntimeError, match="differentiated only once"):
+            grad.sum().backward()
 
 
 def test_weights_receive_gradient_only_when_requested():
@@ -245,7 +414,7 @@ def _bad_calls():
     yield "labels", (logits, labels.double(), mask), {}, TypeError
     yield "attention_mask", (logits, labels, mask[0]), {}, ValueError
     yield "weights", (logits, labels, mask, weights[0]), {}, ValueError
-    yield "weights", (logits, labels, mask, weights.long()), {}, TypeError
+    yield "weights", (logits, labels, mask, weights.to(torch.complex128)), {}, TypeError
     yield "weight_alignment", (logits, labels, mask, torch.rand(2, 5, 3, dtype=torch.float64)), {}, ValueError
     yield "weight_alignment", (logits, labels, mask, weights), {"weight_alignment": "next"}, ValueError
     yield "normalize", (logits, labels, mask), {"normalize": "sum"}, ValueError

@@ -64,13 +64,17 @@ def compute_mtp_ce_loss(
     or over the heads with ``D_k > 0`` (``"valid"``). ``unweighted_ce_loss`` averages
     ``unweighted_k`` over all heads and ``per_head_ce_loss`` holds them. The losses are
     0-d tensors, fp64 for fp64 logits and fp32 otherwise, and all three outputs are
-    differentiable with respect to ``logits`` and, when they require grad, ``weights``.
+    differentiable with respect to ``logits`` and, when they require grad, ``weights`` and a
+    floating ``attention_mask`` (the loop multiplies by the mask values, so they carry a
+    gradient; the ``D_k > 0`` tests are piecewise constant and carry none).
 
     Args:
         logits: ``[B, S, n_heads, V]`` floating tensor; any strides.
         labels: ``[B, S]`` integer tensor.
-        attention_mask: ``[B, S]`` 0/1 mask of any dtype.
-        weights: ``None``, ``[B, S]`` or ``[B, S, n]`` per-token weights.
+        attention_mask: ``[B, S]`` mask of any dtype. Its values are used as they are
+            (0/1, bool, soft or segment ids), not binarised.
+        weights: ``None``, ``[B, S]`` or ``[B, S, n]`` per-token weights of any real dtype
+            (bool, integer or floating); their values are used as they are.
         n_future: number of heads to use (the first ``n_future``); default all.
         chunk_size: rows (batch x positions) per chunk; ``None`` picks a size that keeps
             the chunk's fp32 buffers near 16 MiB.
@@ -81,9 +85,9 @@ def compute_mtp_ce_loss(
             backward raises).
 
     Raises:
-        ValueError / TypeError: wrong ranks or shapes, non-integer labels, an unknown
-            option value, 3-D weights with an alignment other than ``"input"``, or (on
-            CPU) a label outside ``[0, V)`` other than ``ignore_index``.
+        ValueError / TypeError: wrong ranks or shapes, non-integer labels, complex weights,
+            an unknown option value, 3-D weights with an alignment other than ``"input"``,
+            or (on CPU) a label outside ``[0, V)`` other than ``ignore_index``.
     """
     n_future = _validate(
         logits, labels, attention_mask, weights,
@@ -92,7 +96,7 @@ def compute_mtp_ce_loss(
         head_average=head_average, overwrite_logits=overwrite_logits, chunk_size=chunk_size,
     )
     weighted, unweighted, per_head = _MTPCrossEntropy.apply(
-        logits, weights, labels, attention_mask, n_future, ignore_index, weight_alignment,
+        logits, weights, attention_mask, labels, n_future, ignore_index, weight_alignment,
         mask_ignored_labels, normalize, head_average, overwrite_logits, chunk_size,
     )
     return {
@@ -159,8 +163,8 @@ def _validate(logits, labels, attention_mask, weights, *, n_future, ignore_index
     if weights is not None:
         if not isinstance(weights, torch.Tensor):
             raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
-        if not weights.is_floating_point():
-            raise TypeError(f"weights must be floating point, got {weights.dtype}")
+        if weights.is_complex():  # the loop promotes bool and integer weights, so only complex is foreign
+            raise TypeError(f"weights must be a real (bool, integer or floating point) tensor, got {weights.dtype}")
         if weights.dim() == 2:
             if weights.shape != (batch, seq):
                 raise ValueError(f"2-D weights must have shape {(batch, seq)}, got {tuple(weights.shape)}")
@@ -227,7 +231,7 @@ class _MTPCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, weights, labels, attention_mask, n_future, ignore_index,
+    def forward(ctx, logits, weights, attention_mask, labels, n_future, ignore_index,
                 weight_alignment, mask_ignored_labels, normalize, head_average,
                 overwrite_logits, chunk_size):
         ctx.set_materialize_grads(False)
@@ -277,20 +281,21 @@ class _MTPCrossEntropy(torch.autograd.Function):
         weighted = per_head_weighted.sum() / heads_counted
         unweighted = per_head.sum() / n_future
 
-        if any(ctx.needs_input_grad[:2]):
+        if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(logits, weights)
             ctx.state = (lse, ce, mask, label_ok, head_weights, targets, mask_sum, denominator,
-                         per_head_weighted, heads_counted)
-            ctx.options = (n_future, weight_alignment, normalize, overwrite_logits, positions_per_chunk)
+                         per_head_weighted, per_head, heads_counted)
+            ctx.options = (n_future, weight_alignment, mask_ignored_labels, normalize, overwrite_logits,
+                           positions_per_chunk, attention_mask.dtype)
         return weighted, unweighted, per_head
 
     @staticmethod
     def backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
         with torch.no_grad():
-            grad_logits, grad_weights = _backward(ctx, grad_weighted, grad_unweighted, grad_per_head)
+            grads = _backward(ctx, grad_weighted, grad_unweighted, grad_per_head)
         if torch.is_grad_enabled():  # create_graph=True: a second differentiation must fail, not be silently 0
-            grad_logits, grad_weights = _refuse_second_backward(grad_logits, grad_weights)
-        return grad_logits, grad_weights, *([None] * 10)
+            grads = _refuse_second_backward(*grads)
+        return *grads, *([None] * 9)
 
 
 class _SecondBackwardError(torch.autograd.Function):
@@ -313,28 +318,31 @@ def _refuse_second_backward(*grads):
 
 
 def _backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
-    """Gradients of logits and weights; ``None`` for an output that was not used."""
+    """Gradients of logits, weights and mask; ``None`` for an input that needs none."""
     logits, weights = ctx.saved_tensors
     (lse, ce, mask, label_ok, head_weights, targets, mask_sum, denominator,
-     per_head_weighted, heads_counted) = ctx.state
-    n_future, weight_alignment, normalize, overwrite_logits, positions_per_chunk = ctx.options
+     per_head_weighted, per_head, heads_counted) = ctx.state
+    (n_future, weight_alignment, mask_ignored_labels, normalize, overwrite_logits,
+     positions_per_chunk, mask_dtype) = ctx.options
     compute_dtype = lse.dtype
+    seq = logits.shape[1]
 
-    # d(loss)/d(ce) per token: the weighted and the per-head/unweighted paths.
+    # d(loss)/d(unweighted_k) per head, and d(loss)/d(weighted_k) for every head.
     per_head_grad = torch.zeros(n_future, dtype=compute_dtype, device=lse.device)
     if grad_unweighted is not None:
         per_head_grad += grad_unweighted.to(compute_dtype) / n_future
     if grad_per_head is not None:
         per_head_grad += grad_per_head.to(compute_dtype)
-    ce_grad = _safe_divide(mask, mask_sum[:, None, None]) * per_head_grad[:, None, None]
     weighted_scale = None
     if grad_weighted is not None:
         weighted_scale = grad_weighted.to(compute_dtype) / heads_counted
-        ce_grad += _safe_divide(head_weights * mask, denominator[:, None, None]) * weighted_scale
-    ce_grad.mul_(label_ok)
 
     grad_logits = None
     if ctx.needs_input_grad[0]:
+        ce_grad = _safe_divide(mask, mask_sum[:, None, None]) * per_head_grad[:, None, None]
+        if weighted_scale is not None:
+            ce_grad += _safe_divide(head_weights * mask, denominator[:, None, None]) * weighted_scale
+        ce_grad.mul_(label_ok)
         grad_logits = _logits_grad(logits, lse, targets, ce_grad, overwrite_logits, positions_per_chunk)
 
     grad_weights = None
@@ -345,7 +353,6 @@ def _backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
             token_grad = ce - per_head_weighted[:, None, None]
         token_grad = _safe_divide(token_grad * mask, denominator[:, None, None]) * weighted_scale
         grad_weights = torch.zeros_like(weights, dtype=compute_dtype)
-        seq = weights.shape[1]
         for k in range(1, min(n_future, seq - 1) + 1):
             length = seq - k
             _aligned_weights(grad_weights, k, length, weight_alignment).add_(token_grad[k - 1, :, :length])
@@ -353,7 +360,26 @@ def _backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
     elif ctx.needs_input_grad[1]:
         grad_weights = torch.zeros_like(weights)
 
-    return grad_logits, grad_weights
+    grad_mask = None
+    if ctx.needs_input_grad[2]:
+        # d(sum(c*m)/sum(m))/dm = (c - unweighted_k) / M_k
+        token_grad = _safe_divide(ce - per_head[:, None, None], mask_sum[:, None, None])
+        token_grad.mul_(per_head_grad[:, None, None])
+        if weighted_scale is not None:
+            if normalize == "mask":  # d(sum(c*w*m)/sum(m))/dm = (c*w - weighted_k) / M_k
+                weighted_grad = ce * head_weights - per_head_weighted[:, None, None]
+            else:  # d(sum(c*w*m)/sum(w*m))/dm = w * (c - weighted_k) / D_k
+                weighted_grad = (ce - per_head_weighted[:, None, None]).mul_(head_weights)
+            token_grad += _safe_divide(weighted_grad, denominator[:, None, None]) * weighted_scale
+        if mask_ignored_labels:  # m = attention_mask * label_ok
+            token_grad.mul_(label_ok)
+        grad_mask = lse.new_zeros(lse.shape[1:])
+        for k in range(1, min(n_future, seq - 1) + 1):  # head k's position t is the mask's column t+k
+            length = seq - k
+            grad_mask[:, k:].add_(token_grad[k - 1, :, :length])
+        grad_mask = grad_mask.to(mask_dtype)
+
+    return grad_logits, grad_weights, grad_mask
 
 
 def _logits_grad(logits, lse, targets, ce_grad, overwrite_logits, positions_per_chunk):
