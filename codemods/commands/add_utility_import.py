@@ -8,8 +8,8 @@ import libcst as cst
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 from libcst.codemod.visitors import AddImportsVisitor, ImportItem
 
-from codemods.commands._scratch import DEFAULT_UTILITY_MODULE, NEEDED_IMPORTS
-from codemods.mtp_loop.recognize import dotted
+from codemods.config import DEFAULT_UTILITY_MODULE
+from codemods.cst_utils import dotted
 
 
 class AddUtilityImportCommand(VisitorBasedCodemodCommand):
@@ -20,16 +20,13 @@ class AddUtilityImportCommand(VisitorBasedCodemodCommand):
         arg_parser.add_argument("--names", nargs="+", default=[], help="names to import")
         arg_parser.add_argument("--utility-module", default=DEFAULT_UTILITY_MODULE, dest="utility_module")
 
-    def __init__(self, context: CodemodContext, names=(), utility_module: str = DEFAULT_UTILITY_MODULE):
+    def __init__(self, context: CodemodContext, names=(), utility_module: str = DEFAULT_UTILITY_MODULE,
+                 aliases: dict[str, str] | None = None):
         super().__init__(context)
-        scheduled = context.scratch.get(NEEDED_IMPORTS)
-        self.import_module, self.names = scheduled if scheduled else (utility_module, set(names))
+        self.import_module = utility_module
+        self.names = set(names)
+        self.aliases = {name: alias for name, alias in (aliases or {}).items() if alias and alias != name}
         self.merged = False
-
-    @staticmethod
-    def schedule(context: CodemodContext, module: str, names: set[str]) -> None:
-        _, pending = context.scratch.setdefault(NEEDED_IMPORTS, (module, set()))
-        pending |= names
 
     def leave_ImportFrom(self, original_node: cst.ImportFrom, updated_node: cst.ImportFrom) -> cst.ImportFrom:
         if self.merged or not self.names or updated_node.relative or isinstance(updated_node.names, cst.ImportStar):
@@ -38,8 +35,8 @@ class AddUtilityImportCommand(VisitorBasedCodemodCommand):
             return updated_node
         self.merged = True
         aliases = list(updated_node.names)
-        present = {alias.evaluated_name for alias in aliases}
-        missing = sorted(self.names - present)
+        present = {(alias.evaluated_name, alias.evaluated_alias) for alias in aliases}
+        missing = sorted(n for n in self.names if (n, self.aliases.get(n)) not in present)
         if not missing:
             return updated_node
         keep_sorted = [a.evaluated_name for a in aliases] == sorted(a.evaluated_name for a in aliases)
@@ -48,7 +45,8 @@ class AddUtilityImportCommand(VisitorBasedCodemodCommand):
             separator = cst.Comma(whitespace_after=updated_node.lpar.whitespace_after)
         separator = separator or cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
         last_comma = aliases[-1].comma
-        new = [cst.ImportAlias(name=cst.Name(name)) for name in missing]
+        new = [cst.ImportAlias(name=cst.Name(name), asname=cst.AsName(cst.Name(self.aliases[name]))
+                               if name in self.aliases else None) for name in missing]
         merged = sorted(aliases + new, key=lambda a: a.evaluated_name) if keep_sorted else aliases + new
         fixed = [alias.with_changes(comma=alias.comma if alias in aliases[:-1] else separator) for alias in merged]
         fixed[-1] = fixed[-1].with_changes(comma=last_comma)
@@ -59,5 +57,5 @@ class AddUtilityImportCommand(VisitorBasedCodemodCommand):
     def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:
         if self.merged or not self.names:
             return updated_node
-        items = [ImportItem(self.import_module, name) for name in sorted(self.names)]
+        items = [ImportItem(self.import_module, name, self.aliases.get(name)) for name in sorted(self.names)]
         return AddImportsVisitor(self.context, items).transform_module(updated_node)

@@ -1,21 +1,26 @@
-"""Export the vendored utility from a ``weighted_mtp/utils/__init__.py``: import and ``__all__``."""
+"""Export the vendored utility from a package's ``__init__.py``: the import and the ``__all__`` entries.
+
+Existing entries, their comments and their blank lines are left exactly as they are;
+the new names go where the list's own order puts them (sorted lists stay sorted).
+"""
 
 from __future__ import annotations
+
+import bisect
 
 import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 
-from codemods.mtp_loop.emit import UNWEIGHTED, WEIGHTED
-
-EXPORTS = (WEIGHTED, UNWEIGHTED)
+from codemods.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
 
 
 class ExportUtilityCommand(VisitorBasedCodemodCommand):
-    DESCRIPTION = "Import compute_mtp_ce_loss* from loss_utils in utils/__init__.py and list them in __all__."
+    DESCRIPTION = "Import compute_mtp_ce_loss* from loss_utils in a package's __init__.py and list them in __all__."
 
-    def __init__(self, context: CodemodContext):
+    def __init__(self, context: CodemodContext, module: str = DEFAULT_UTILITY_MODULE):
         super().__init__(context)
+        self.utility_module = module
         self.imported: set[str] = set()
         self.relative = False
 
@@ -29,25 +34,36 @@ class ExportUtilityCommand(VisitorBasedCodemodCommand):
         if not m.matches(updated_node, m.Assign(targets=[m.AssignTarget(m.Name("__all__"))],
                                                 value=m.List() | m.Tuple())):
             return updated_node
-        listed = updated_node.value.elements
-        present = {e.value.evaluated_value for e in listed if isinstance(e.value, cst.SimpleString)}
-        quote = listed[0].value.value[0] if listed and isinstance(listed[0].value, cst.SimpleString) else '"'
-        missing = [name for name in EXPORTS if name not in present]
+        listed = list(updated_node.value.elements)
+        if not all(isinstance(e.value, cst.SimpleString) for e in listed):
+            return updated_node
+        present = [e.value.evaluated_value for e in listed]
+        missing = [name for name in UTILITY_NAMES if name not in present]
         if not missing:
             return updated_node
-        separator = next((e.comma for e in listed[:-1] if isinstance(e.comma, cst.Comma)),
-                         cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))
-        last_comma = listed[-1].comma if listed else cst.MaybeSentinel.DEFAULT
-        elements = [e.with_changes(comma=separator) for e in listed]
-        elements += [cst.Element(cst.SimpleString(f"{quote}{name}{quote}"), comma=separator) for name in missing]
-        elements[-1] = elements[-1].with_changes(comma=last_comma)
+        quote = listed[0].value.value[0] if listed else '"'
+        separator = _separator(listed, updated_node.value)
+        elements = list(listed)
+        for name in missing:
+            new = cst.Element(cst.SimpleString(f"{quote}{name}{quote}"), comma=separator)
+            values = [e.value.evaluated_value for e in elements]
+            ordered = len(values) > 1 and values == sorted(values)
+            position = bisect.bisect(values, name) if ordered else len(elements)
+            if position == len(elements):  # the new last element ends the list as the old last one did
+                if elements:
+                    last = elements[-1]
+                    new = new.with_changes(comma=_without_comment(last.comma))
+                    elements[-1] = last.with_changes(comma=_keep_comment(separator, last.comma))
+                else:
+                    new = new.with_changes(comma=cst.MaybeSentinel.DEFAULT)
+            elements.insert(position, new)
         return updated_node.with_changes(value=updated_node.value.with_changes(elements=elements))
 
     def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:
-        missing = [name for name in EXPORTS if name not in self.imported]
+        missing = [name for name in UTILITY_NAMES if name not in self.imported]
         if not missing:
             return updated_node
-        source = ".loss_utils" if self.relative else "weighted_mtp.utils.loss_utils"
+        source = ".loss_utils" if self.relative else f"{self.utility_module}.loss_utils"
         statement = cst.parse_statement(f"from {source} import {', '.join(missing)}\n")
         body = list(updated_node.body)
         # After the docstring, __future__ and the other imports.
@@ -57,3 +73,35 @@ class ExportUtilityCommand(VisitorBasedCodemodCommand):
                 position = index + 1
         body.insert(position, statement)
         return updated_node.with_changes(body=body)
+
+
+def _separator(listed: list[cst.Element], container: cst.List | cst.Tuple) -> cst.Comma:
+    """A comma like the list's own, without any comment or blank line it carries."""
+    for element in listed[:-1]:
+        comma = element.comma
+        if isinstance(comma, cst.Comma):
+            after = comma.whitespace_after
+            if isinstance(after, cst.ParenthesizedWhitespace):
+                after = after.with_changes(first_line=cst.TrailingWhitespace(), empty_lines=())
+            return comma.with_changes(whitespace_after=after)
+    opening = container.lbracket.whitespace_after if isinstance(container, cst.List) else (
+        container.lpar[0].whitespace_after if container.lpar else cst.SimpleWhitespace(""))
+    if isinstance(opening, cst.ParenthesizedWhitespace):
+        return cst.Comma(whitespace_after=opening.with_changes(empty_lines=()))
+    return cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+
+
+def _keep_comment(separator: cst.Comma, old: cst.Comma | cst.MaybeSentinel) -> cst.Comma:
+    """``separator``, keeping a comment that followed the old last element on its line."""
+    if isinstance(old, cst.Comma) and isinstance(old.whitespace_after, cst.ParenthesizedWhitespace) and \
+            isinstance(separator.whitespace_after, cst.ParenthesizedWhitespace):
+        return separator.with_changes(whitespace_after=separator.whitespace_after.with_changes(
+            first_line=old.whitespace_after.first_line))
+    return separator
+
+
+def _without_comment(comma: cst.Comma | cst.MaybeSentinel) -> cst.Comma | cst.MaybeSentinel:
+    if isinstance(comma, cst.Comma) and isinstance(comma.whitespace_after, cst.ParenthesizedWhitespace):
+        return comma.with_changes(whitespace_after=comma.whitespace_after.with_changes(
+            first_line=cst.TrailingWhitespace()))
+    return comma

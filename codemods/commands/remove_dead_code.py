@@ -1,7 +1,8 @@
 """Remove what a rewrite made dead: shape unpacks, ``model_dtype`` lookups, imports.
 
-Only names that the removed code read are candidates (``--names``, or handed over by
-``RewriteMTPLoopCommand``), so nothing that was already unused before is touched.
+Only names that the removed code read are candidates (``names``: ``--names`` on the
+command line, or what ``RewriteMTPLoopCommand`` removed), so nothing that was already
+unused before is touched.
 Never removed: ``__future__`` imports, names in ``__all__``, imports in ``__init__.py``
 and imports marked ``# noqa``.
 """
@@ -16,8 +17,7 @@ from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 from libcst.codemod.visitors import RemoveImportsVisitor
 from libcst.metadata import ScopeProvider
 
-from codemods.commands._scratch import FREED_NAMES
-from codemods.mtp_loop.recognize import code, dotted
+from codemods.cst_utils import code, dotted
 
 # `x.shape[i]`, `x.size(i)`, `x.dtype`, `x.device`, `next(m.parameters()).dtype`: pure lookups.
 _PURE_LOOKUP = (
@@ -39,7 +39,7 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
 
     def __init__(self, context: CodemodContext, names=()):
         super().__init__(context)
-        self.freed = set(context.scratch.get(FREED_NAMES, ())) | set(names)
+        self.freed = set(names)
         self.exported: set[str] = set()
         self.carry: list[cst.EmptyLine] = []
         self.receiver: int | None = None
@@ -120,24 +120,31 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
             return updated_node
         if isinstance(target, cst.Tuple) and m.matches(assign.value, _SHAPE) and \
                 all(isinstance(e.value, cst.Name) for e in target.elements):
-            names = [e.value for e in target.elements]
-            unused = [self._unused(n) for n in names]
-            if not any(u and n.value in self.freed for n, u in zip(names, unused, strict=True)):
-                return updated_node
-            kept = [(i, n.value) for i, (n, u) in enumerate(zip(names, unused, strict=True)) if not u]
-            shape = code(assign.value.value if isinstance(assign.value, cst.Attribute) else assign.value.func.value)
-            if not kept:
-                return self._remove(updated_node)
-            if len(kept) == 1:
-                (index, name), = kept
-                new = cst.parse_statement(f"{name} = {shape}.shape[{index}]\n")
-            else:
-                kept_names = dict(kept)
-                elements = ", ".join(kept_names.get(i, "_") for i in range(len(names)))
-                new = cst.parse_statement(f"{elements} = {code(assign.value)}\n")
-            return new.with_changes(leading_lines=updated_node.leading_lines,
-                                    trailing_whitespace=updated_node.trailing_whitespace)
+            return self._unpack(updated_node, assign, target)
         return updated_node
+
+    def _unpack(self, statement: cst.SimpleStatementLine, assign: cst.Assign, target: cst.Tuple):
+        """``b, s, n, v = x.shape`` keeps only the names still used: ``n = x.shape[2]``, ``_, s, n, _ = ...``."""
+        elements = list(target.elements)
+        names = [e.value for e in elements]
+        unused = [self._unused(n) for n in names]
+        if not any(u and n.value in self.freed for n, u in zip(names, unused, strict=True)):
+            return statement
+        starred = next((i for i, e in enumerate(elements) if isinstance(e, cst.StarredElement)), None)
+        kept = [(i, n.value) for i, (n, u) in enumerate(zip(names, unused, strict=True)) if not u]
+        shape = code(assign.value.value if isinstance(assign.value, cst.Attribute) else assign.value.func.value)
+        if not kept:
+            return self._remove(statement)
+        if len(kept) == 1 and kept[0][0] != starred:
+            ((index, name),) = kept
+            if starred is not None and index > starred:
+                index -= len(elements)  # after `*rest`: counted from the end
+            new = cst.parse_statement(f"{name} = {shape}.shape[{index}]\n")
+        else:
+            kept_names = dict(kept)
+            parts = [("*" if i == starred else "") + kept_names.get(i, "_") for i in range(len(names))]
+            new = cst.parse_statement(f"{', '.join(parts)} = {code(assign.value)}\n")
+        return new.with_changes(leading_lines=statement.leading_lines, trailing_whitespace=statement.trailing_whitespace)
 
     def _remove(self, statement: cst.SimpleStatementLine):
         # A comment above a removed line moves down to the next statement.

@@ -1,10 +1,7 @@
 """Everything mtp-migrate knows about the inline MTP cross-entropy loop lives here.
 
-``recognize`` turns a site (accumulator inits, the head loop, the head average) into a
-``LoopSpec`` or a ``Refusal`` with a reason; ``emit`` turns a spec into code.
+``find`` locates head loops and, through ``evaluate`` (the loop body, symbolically) and
+``classify`` (which tensor is the mask, which the weights, which options), describes each
+as a ``Site`` with a ``LoopSpec`` or a refusal; ``plan`` makes the one decision per site
+that every command follows; ``emit`` writes the call or the `del`.
 """
-
-from codemods.mtp_loop.recognize import SiteFinder, find_sites
-from codemods.mtp_loop.spec import LoopSpec, Refusal, Site
-
-__all__ = ["LoopSpec", "Refusal", "Site", "SiteFinder", "find_sites"]

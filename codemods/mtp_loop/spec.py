@@ -3,32 +3,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import libcst as cst
 
+from codemods.config import HeadAverage, Normalize, WeightAlignment
+from codemods.refusals import Refusal
 
-class Refusal(Exception):
-    """The site is not provably equivalent to a utility call; ``str(self)`` says why."""
+
+class Action(str, Enum):
+    REWRITTEN = "rewritten"
+    DEL_INSERTED = "del_inserted"
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)
 class LoopSpec:
-    """The loss a site computes, in the terms of ``compute_mtp_ce_loss`` (DESIGN §2).
+    """The loss a site computes, as ``compute_mtp_ce_loss`` arguments (see ``docs/semantics.md``).
 
-    Expressions are the site's own CST nodes, so the emitted call evaluates exactly
-    what the loop evaluated, at the same point.
+    Tensor arguments are expressions in the site's own terms (``attention_mask.bool()``),
+    evaluated where the loop was, so the call sees what the loop saw.
     """
 
-    logits: cst.BaseExpression
-    labels: cst.BaseExpression
-    attention_mask: cst.BaseExpression
-    weights: cst.BaseExpression | None
-    n_future: cst.BaseExpression | None  # None: all heads of the logits
-    ignore_index: cst.BaseExpression | None  # None: the default, -100
-    weight_alignment: str = "target"
+    logits: str
+    labels: str
+    attention_mask: str
+    weights: str | None
+    n_future: str | None  # None: all heads of the logits (proved, not assumed)
+    ignore_index: str | None  # None: the default, -100
+    weight_alignment: WeightAlignment = "target"
     mask_ignored_labels: bool = True
-    normalize: str = "mask"
-    head_average: str = "all"
+    normalize: Normalize = "mask"
+    head_average: HeadAverage = "all"
     weighted_output: str | None = None
     unweighted_output: str | None = None
     head0_output: str | None = None  # rho1's head-0 metric: per_head_ce_loss[0]
@@ -36,27 +42,33 @@ class LoopSpec:
     per_head_weights: bool = False  # 3-D weights [B, S, n], indexed per head
 
 
-@dataclass
-class Site:
-    """One site in one statement block: ``body[start:stop]``, the head loop at ``loop_index``."""
+@dataclass(frozen=True)
+class Average:
+    """How an accumulator is averaged over heads after the loop.
 
-    body: tuple[cst.BaseStatement, ...]
-    start: int
-    stop: int
-    loop_index: int
-    indent: str  # absolute indentation of the block, for multi-line emitted code
+    ``divisor`` is ``"heads"`` (the loop's head count), ``"valid:<counter>"``
+    (``max(counter, 1)``) or the divisor as written. ``inline`` is the statement that
+    reads ``acc / divisor`` with ``acc / divisor`` replaced by ``acc`` (a ``return`` or an
+    expression using the average), or ``None`` for ``acc /= n`` / ``out = acc / n``.
+    """
+
+    accumulator: str
+    output: str
+    divisor: str
+    index: int
+    inline: cst.BaseStatement | None = None
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What happened to one site: reported by every command and printed by the CLI."""
+
     line: int
-    block_id: int = 0  # id() of the Module or IndentedBlock holding ``body``
-    init_indices: tuple[int, ...] = ()  # the accumulator initialisations before the loop
-    spec: LoopSpec | None = None
-    refusal: str | None = None
-    # Rho1-style (DESIGN §5): per-head weights, selected-sum normalisation, a valid-head
-    # count or a head-0 metric. These get `del` by default instead of a rewrite.
-    rho1_style: bool = False
-    temporaries: tuple[str, ...] = ()  # tensors bound on every path through the body, dead after it
-    facts: tuple = ()  # (enclosing function's, module's) bindings: shapes, constants, dtypes
-    span: tuple[int, int] = (0, 0)  # first and last line of body[start:stop]
+    action: Action
+    refusal: Refusal | None = None
+    verified: bool = False
 
-    @property
-    def loop(self) -> cst.For:
-        return self.body[self.loop_index]
+    def as_dict(self) -> dict:
+        return {"line": self.line, "action": self.action.value,
+                "code": self.refusal.code.code if self.refusal else None,
+                "reason": str(self.refusal) if self.refusal else None, "verified": self.verified}

@@ -1,0 +1,31 @@
+"""Product settings: the utility's import path and names, and the options a migration can take.
+
+``OPTION_DEFAULTS`` mirrors the keyword defaults of ``compute_mtp_ce_loss``; a test checks
+that they agree, so the emitter can leave out every option equal to its default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+DEFAULT_UTILITY_MODULE = "weighted_mtp.utils"
+WEIGHTED = "compute_mtp_ce_loss"
+UNWEIGHTED = "compute_mtp_ce_loss_unweighted"
+UTILITY_NAMES = (WEIGHTED, UNWEIGHTED)
+
+Rho1Mode = Literal["del", "rewrite", "skip"]
+WeightAlignment = Literal["target", "previous", "input"]
+Normalize = Literal["mask", "weights"]
+HeadAverage = Literal["all", "valid"]
+
+RHO1_MODES: tuple[str, ...] = get_args(Rho1Mode)
+DEFAULT_RHO1: Rho1Mode = "del"
+
+OPTION_DEFAULTS = {
+    "n_future": None,
+    "ignore_index": -100,
+    "weight_alignment": "target",
+    "mask_ignored_labels": True,
+    "normalize": "mask",
+    "head_average": "all",
+}

@@ -1,0 +1,197 @@
+"""The symbolic values a head loop computes, in terms of the head number ``k``.
+
+Integers are linear forms (``Lin``) over ``k`` and tensor dimensions (``Dim``); which
+tensor's dimension is the sequence length, the batch or the heads is only decided once
+the cross-entropy call has said which tensors are the logits and the labels (see
+``classify``). Tensors are views of tensors from outside the loop (``View``), per-token
+products of factors (``Tokens``), their sums (``Total``) and ratios of sums (``Ratio``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import libcst as cst
+
+
+@dataclass(frozen=True, order=True)
+class Dim:
+    """``base.shape[axis]`` for an outer tensor written ``base``."""
+
+    base: str
+    axis: int
+
+
+@dataclass(frozen=True, order=True)
+class Free:
+    """An integer the loop reads that no fact ties to a tensor dimension (a parameter, ``input_ids.shape[1]``)."""
+
+    text: str
+
+
+K = "k"  # the 1-based head number
+S, B, H, V = "S", "B", "H", "V"  # resolved dimensions: sequence, batch, heads, vocabulary
+
+
+@dataclass(frozen=True)
+class Lin:
+    """``sum(coefficient * atom) + const`` with atoms ``K``, ``Dim``s or resolved dimensions."""
+
+    terms: tuple = ()  # sorted ((atom, coefficient), ...), no zero coefficients
+    const: int = 0
+
+    @staticmethod
+    def of(atom, coefficient: int = 1, const: int = 0) -> Lin:
+        return Lin(((atom, coefficient),), const) if coefficient else Lin((), const)
+
+    def _combine(self, other: Lin, sign: int) -> Lin:
+        merged = dict(self.terms)
+        for atom, coefficient in other.terms:
+            merged[atom] = merged.get(atom, 0) + sign * coefficient
+        terms = tuple(sorted(((a, c) for a, c in merged.items() if c), key=lambda item: repr(item[0])))
+        return Lin(terms, self.const + sign * other.const)
+
+    def __add__(self, other: Lin) -> Lin:
+        return self._combine(other, 1)
+
+    def __sub__(self, other: Lin) -> Lin:
+        return self._combine(other, -1)
+
+    def __neg__(self) -> Lin:
+        return Lin(tuple((a, -c) for a, c in self.terms), -self.const)
+
+    def atoms(self) -> set:
+        return {atom for atom, _ in self.terms}
+
+    def substitute(self, mapping: dict) -> Lin:
+        result = Lin((), self.const)
+        for atom, coefficient in self.terms:
+            result = result + Lin.of(mapping.get(atom, atom), coefficient)
+        return result
+
+
+LENGTH = Lin.of(S) - Lin.of(K)  # the positions of head k: S - k
+
+
+class Layout(Enum):
+    """How a per-token tensor of head k is laid out."""
+
+    GRID = "[B, S-k]"
+    HEAD_SLICE = "[B, S-k, ...] at head k-1"  # [B, S-k] of 3-D weights or [B, S-k, V] of the logits
+    FLAT = "[B*(S-k)]"
+    LOGITS_GRID = "[B, S-k, V]"
+    LOGITS_FLAT = "[B*(S-k), V]"
+    CLASS_FIRST = "[B, V, S-k]"
+
+
+@dataclass(frozen=True)
+class Op:
+    """An elementwise operation on a per-token tensor: a cast, a comparison, ``detach``.
+
+    ``kind`` is ``"precision"`` (float to float: leaves values), ``"value"`` (a cast that
+    can change values, e.g. ``.long()``), ``"compare"`` (yields booleans), ``"bool"``
+    (a cast to bool) or ``"detach"``. ``template`` rebuilds it on another expression:
+    ``template.format(x)``.
+    """
+
+    kind: str
+    template: str
+    operator: str = ""  # for comparisons: "!=", "==", ...
+    operand: str = ""  # for comparisons: the other side, as written
+
+    @property
+    def boolean(self) -> bool:
+        return self.kind in ("compare", "bool")
+
+    def apply(self, text: str) -> str:
+        return self.template.format(text)
+
+
+@dataclass(frozen=True)
+class Outer:
+    """A tensor from outside the loop, as written there."""
+
+    node: cst.BaseExpression = field(compare=False)
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class View:
+    """``base[:, start:stop]`` (``stop`` None: to the end), with ``head`` indexing axis 2 if not None."""
+
+    base: Outer
+    start: Lin
+    stop: Lin | None
+    head: Lin | None
+    layout: Layout
+    ops: tuple[Op, ...] = ()
+    shape_checks: tuple = ()  # (args of a .view/.reshape as Lin | None for -1, ...) to check once resolved
+
+    def with_op(self, op: Op) -> View:
+        return View(self.base, self.start, self.stop, self.head, self.layout, (*self.ops, op), self.shape_checks)
+
+    def relayout(self, layout: Layout, check: tuple | None = None) -> View:
+        checks = self.shape_checks if check is None else (*self.shape_checks, check)
+        return View(self.base, self.start, self.stop, self.head, layout, self.ops, checks)
+
+    @property
+    def boolean(self) -> bool:
+        return bool(self.ops) and self.ops[-1].boolean
+
+    def as_factor(self) -> View:
+        """The view as a per-token factor: its layout belongs to the product, not to the factor."""
+        return View(self.base, self.start, self.stop, self.head, Layout.GRID, self.ops)
+
+
+@dataclass(frozen=True)
+class CrossEntropy:
+    """The per-token cross-entropy of a logits view against a labels view."""
+
+    logits: View
+    labels: View
+    ignore_index: cst.BaseExpression | None = field(compare=False)  # None: -100
+    ignore_text: str = "-100"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A per-token product of factors (``CrossEntropy`` or ``View``) in one layout."""
+
+    factors: tuple
+    layout: Layout
+    shape_checks: tuple = ()
+
+
+@dataclass(frozen=True)
+class Total:
+    """``Tokens(...).sum()``."""
+
+    factors: tuple
+    shape_checks: tuple = ()
+
+
+@dataclass(frozen=True)
+class Ratio:
+    numerator: Total
+    denominator: Total
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """One ``acc += value`` inside the loop; ``guard`` is the ``Total`` that must be > 0 (or None)."""
+
+    name: str
+    value: Ratio | int  # a ratio, or 1 for a head counter
+    guard: Total | None
+    node: cst.CSTNode = field(compare=False, default=None)
+
+
+@dataclass(frozen=True)
+class Head0Metric:
+    """``name = ratio`` (``.item()`` if ``item``) under ``if k == 1:``, guarded by ``guard``."""
+
+    name: str
+    ratio: Ratio
+    item: bool
+    guard: Total | None

@@ -1,0 +1,85 @@
+"""Bytes in and out: encoding, BOM and line endings kept; syntax errors said as Python says them;
+atomic writes that never leave a half-written file or overwrite a concurrent edit."""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import io
+import os
+import tempfile
+import tokenize
+import warnings
+from pathlib import Path
+
+import libcst as cst
+
+TEMP_SUFFIX = ".mtp-migrate"
+
+
+class MigrationError(Exception):
+    """A file that cannot be migrated (not decodable, not parseable, not writable); the message says why."""
+
+
+def check_bytes(data: bytes) -> None:
+    """Refuse what is not Python source text before any parsing."""
+    if b"\0" in data:
+        raise MigrationError("binary file (contains NUL bytes)")
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+        data.decode(encoding)
+    except (SyntaxError, LookupError, UnicodeDecodeError) as error:
+        raise MigrationError(f"not valid text in its declared encoding: {str(error).splitlines()[0]}") from None
+
+
+def _python_syntax_error(source: bytes) -> str | None:
+    """Python's own message for a syntax error (``'(' was never closed (line 5, column 11)``)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(source)
+    except SyntaxError as error:
+        where = f" (line {error.lineno}, column {error.offset})" if error.lineno else ""
+        return f"{error.msg}{where}"
+    except (ValueError, RecursionError, MemoryError) as error:
+        return str(error)
+    return None
+
+
+def parse_source(source: bytes) -> tuple[bytes, cst.Module]:
+    """``(BOM, module)``; a syntax or encoding problem becomes a ``MigrationError``."""
+    bom = codecs.BOM_UTF8 if source.startswith(codecs.BOM_UTF8) else b""
+    try:
+        return bom, cst.parse_module(source[len(bom):])
+    except (cst.ParserSyntaxError, SyntaxError) as error:
+        reason = _python_syntax_error(source) or str(error).splitlines()[0]
+        raise MigrationError(f"syntax error: {reason}") from None
+    except (UnicodeDecodeError, LookupError) as error:
+        raise MigrationError(f"cannot decode: {error}") from None
+
+
+def write_atomic(path: Path, data: bytes, expected: bytes | None = None) -> None:
+    """Write beside ``path``, then ``os.replace``: a killed run leaves the old file or the new one.
+
+    With ``expected``, the file must still hold those bytes just before the replace;
+    otherwise it was edited during the run, and it is left alone.
+    """
+    status = path.stat() if path.exists() else None
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if status is not None:
+            os.chmod(temporary, status.st_mode & 0o7777)
+            try:
+                os.chown(temporary, status.st_uid, status.st_gid)
+            except PermissionError:
+                pass  # not ours to give away: the new file keeps our owner
+        if expected is not None and (path.read_bytes() if path.exists() else b"") != expected:
+            raise MigrationError("changed during the run; left as it is")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
