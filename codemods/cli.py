@@ -1,8 +1,11 @@
-"""The ``mtp-migrate`` command line (DESIGN §7): diff, apply, check, verify.
+"""The ``mtp-migrate`` command line: diff, apply, check, verify, explain (see ``docs/cli.md``).
+
+``diff``, ``check`` and ``apply`` run the same plan, verification included: ``diff``
+prints exactly the patch ``apply`` would write, and ``check`` exits 0 after ``apply``.
 
 Exit codes: 0 nothing to change / written / equivalent; 1 changes pending / not
-equivalent; 2 any file could not be read or parsed, or any other error. Every file is
-processed whatever happens to the others.
+equivalent; 2 any file could not be read, parsed or written, or a usage error. Every
+file is processed whatever happens to the others.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -22,10 +26,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from codemods.commands._scratch import DEFAULT_UTILITY_MODULE
+from codemods.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from codemods.discovery import discover
-from codemods.runner import MigrationError, migrate_file, write_atomic
-from codemods.vendoring import plan_vendoring
+from codemods.refusals import Code
+from codemods.runner import migrate_file, rewrote
+from codemods.source import MigrationError, write_atomic
+from codemods.vendoring import utility_target
+
+DOCS = Path(__file__).parents[1] / "docs"
 
 
 @dataclass
@@ -36,35 +44,40 @@ class FileReport:
     sites: list[dict] = field(default_factory=list)
     source: bytes = b""
     output: bytes = b""
+    rewrote: bool = False
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "status": self.status, "error": self.error, "sites": self.sites}
 
 
-def process(path: str, rho1: str, utility_module: str, transform: bool, verify: bool) -> FileReport:
+def process(path: str, rho1: str, utility_module: str, verify: bool) -> FileReport:
     """One file, never raising: bad input becomes an ``error`` report (runs in a worker)."""
     try:
-        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, transform=transform,
-                              verify=verify)
+        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, verify=verify)
     except MigrationError as error:
         return FileReport(path, "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either
         return FileReport(path, "error", f"internal error: {type(error).__name__}: {error}")
+    sites = [site.as_dict() for site in result.sites]
     if result.changed:
         status = "changed"
-    elif any(site["action"] == "skipped" for site in result.sites):
+    elif any(site["action"] == "skipped" for site in sites):
         status = "skipped"
     else:
         status = "unchanged"
-    return FileReport(path, status, None, result.sites, result.source, result.output)
+    return FileReport(path, status, None, sites, result.source, result.output, rewrote(result))
 
 
 def _process_all(candidates, options, jobs: int, console: Console) -> list[FileReport]:
     reports = {c.path.as_posix(): _problem_report(c) for c in candidates if c.problem}
     todo = [c.path.as_posix() for c in candidates if not c.problem]
+    jobs = max(1, min(jobs, len(todo)))
     show_progress = console.is_terminal and len(todo) > 1
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not show_progress) as progress:
         task = progress.add_task("migrating", total=len(todo))
         work = partial(process, **options)
-        if jobs > 1 and len(todo) > 1:
+        if jobs > 1:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
                 results = pool.map(work, todo, chunksize=max(1, min(64, len(todo) // (4 * jobs))))
                 for report in results:
@@ -81,32 +94,44 @@ def _problem_report(candidate) -> FileReport:
     return FileReport(candidate.path.as_posix(), "skipped" if candidate.skipped else "error", candidate.problem)
 
 
-def _print_json(reports: list[FileReport], summary: dict) -> None:
-    files = [{k: v for k, v in asdict(r).items() if k not in ("source", "output")} for r in reports]
-    click.echo(json.dumps({"files": files, "summary": summary}, indent=2))
+def _vendoring_reports(reports: list[FileReport], utility_module: str) -> list[FileReport]:
+    """The utility module written into each target whose files got a rewrite (never over code we do not own)."""
+    writes: dict[Path, tuple[bytes, bytes]] = {}
+    for report in reports:
+        if report.rewrote:
+            writes.update(utility_target(Path(report.path).resolve().parent, utility_module).writes)
+    return [FileReport(path.as_posix(), "changed", None, [], old, new, False) for path, (old, new) in sorted(writes.items())]
 
 
-def _vendoring_reports(paths, reports, utility_module) -> list[FileReport]:
-    """Vendor loss_utils.py into the target's own weighted_mtp/utils when a site was rewritten."""
-    if utility_module != DEFAULT_UTILITY_MODULE or not any(
-            s["action"] == "rewritten" for r in reports for s in r.sites):
-        return []
-    extra = []
-    for root in {p if p.is_dir() else p.parent for p in paths}:
-        for path, (old, new) in sorted(plan_vendoring(root).items()):
-            extra.append(FileReport(path.as_posix(), "changed", None, [], old, new))
-    return extra
+_STYLES = (("---", "\x1b[1m"), ("+++", "\x1b[1m"), ("@@", "\x1b[36m"), ("+", "\x1b[32m"), ("-", "\x1b[31m"))
 
 
-def _print_diff(console: Console, report: FileReport) -> None:
-    old = report.source.decode("utf-8", errors="replace").splitlines()
-    new = report.output.decode("utf-8", errors="replace").splitlines()
-    lines = difflib.unified_diff(old, new, f"a/{report.path}", f"b/{report.path}", lineterm="")
-    for line in lines:
-        line = line.rstrip("\r").lstrip("\ufeff")
-        style = ("bold" if line.startswith(("---", "+++")) else "green" if line.startswith("+")
-                 else "red" if line.startswith("-") else "cyan" if line.startswith("@@") else None)
-        console.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
+def unified_diff(report: FileReport) -> bytes:
+    """The patch from ``source`` to ``output``, byte for byte (CRLF, BOM and missing final newlines kept)."""
+    old = report.source.decode("utf-8", "surrogateescape").splitlines(keepends=True)
+    new = report.output.decode("utf-8", "surrogateescape").splitlines(keepends=True)
+    name = report.path
+    lines = []
+    for line in difflib.unified_diff(old, new, f"a/{name}", f"b/{name}", n=3):
+        if line.startswith(("---", "+++")):
+            lines.append(line.rstrip("\n") + "\n")
+        elif line.endswith(("\n", "\r")):
+            lines.append(line)
+        else:
+            lines.append(line + "\n\\ No newline at end of file\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _write_diff(patch: bytes, color: bool) -> None:
+    if color:
+        colored = []
+        for line in patch.splitlines(keepends=True):
+            style = next((s for prefix, s in _STYLES if line.startswith(prefix.encode())), None)
+            body = line.rstrip(b"\r\n")
+            colored.append(style.encode() + body + b"\x1b[0m" + line[len(body):] if style else line)
+        patch = b"".join(colored)
+    sys.stdout.buffer.write(patch)
+    sys.stdout.flush()
 
 
 def _summary(reports: list[FileReport]) -> dict:
@@ -121,10 +146,11 @@ def _summary(reports: list[FileReport]) -> dict:
 def _print_summary(console: Console, reports: list[FileReport], summary: dict, verb: str, quiet: bool) -> None:
     if not quiet:
         table = Table(title=f"mtp-migrate {verb}", show_header=False, title_justify="left")
-        for label, key in [("files scanned", "files"), ("files to change" if verb in ("diff", "check") else "files changed", "changed"),
-                           ("sites rewritten", "sites_rewritten"), ("sites verified", "sites_verified"),
-                           ("dels inserted", "dels_inserted"),
-                           ("sites skipped", "sites_skipped"), ("errors", "errors")]:
+        pending = verb in ("diff", "check")
+        rows = [("files scanned", "files"), ("files to change" if pending else "files changed", "changed"),
+                ("sites rewritten", "sites_rewritten"), ("sites verified", "sites_verified"),
+                ("dels inserted", "dels_inserted"), ("sites skipped", "sites_skipped"), ("errors", "errors")]
+        for label, key in rows:
             table.add_row(label, str(summary[key]), style="red" if key == "errors" and summary[key] else None)
         console.print(table)
         for report in reports:
@@ -150,12 +176,12 @@ def _common(function):
                      help="glob of files to migrate (repeatable); files named on the command line always count"),
         click.option("--exclude", multiple=True, help="glob of files or folders to leave out (repeatable)"),
         click.option("--jobs", "-j", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
-                     help="worker processes"),
-        click.option("--rho1", type=click.Choice(["del", "rewrite", "skip"]), default="del", show_default=True,
+                     help="worker processes (at most one per file)"),
+        click.option("--rho1", type=click.Choice(RHO1_MODES), default=DEFAULT_RHO1, show_default=True,
                      help="rho1-style loops: insert del, rewrite them, or skip them"),
-        click.option("--no-verify", is_flag=True, help="do not verify sites before writing"),
+        click.option("--no-verify", is_flag=True, help="do not verify sites numerically (faster; not recommended)"),
         click.option("--utility-module", default=DEFAULT_UTILITY_MODULE, show_default=True,
-                     help="import path of compute_mtp_ce_loss"),
+                     callback=_module_name, help="import path of compute_mtp_ce_loss"),
         click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of text"),
         click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True),
         click.option("--quiet", "-q", is_flag=True, help="print only errors"),
@@ -165,29 +191,35 @@ def _common(function):
     return function
 
 
+def _module_name(context, parameter, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", value):
+        raise click.BadParameter(f"{value!r} is not a dotted module name")
+    return value
+
+
 def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, utility_module, as_json, color, quiet) -> int:
     out, err = _consoles(color)
     paths = tuple(paths) or (Path("."),)
     candidates = list(discover(paths, tuple(include), tuple(exclude)))
-    # check needs only each site's action; diff and apply need the new text.
-    options = {"rho1": rho1, "utility_module": utility_module, "transform": verb != "check",
-               "verify": verb == "apply" and not no_verify}
+    options = {"rho1": rho1, "utility_module": utility_module, "verify": not no_verify}
     reports = _process_all(candidates, options, jobs, err if not (quiet or as_json) else Console(quiet=True))
-    if verb != "check":
-        reports += _vendoring_reports(paths, reports, utility_module)
+    reports += _vendoring_reports(reports, utility_module)
+    reports.sort(key=lambda report: report.path)
     changed = [r for r in reports if r.status == "changed"]
     if verb == "diff" and not as_json:
         for report in changed:
-            _print_diff(out, report)
+            _write_diff(unified_diff(report), out.is_terminal if color == "auto" else color == "always")
     if verb == "apply":
         for report in changed:
             try:
-                write_atomic(Path(report.path), report.output)
+                write_atomic(Path(report.path), report.output, expected=report.source)
+            except MigrationError as error:
+                report.status, report.error = "error", str(error)
             except OSError as error:
                 report.status, report.error = "error", f"cannot write: {error.strerror or error}"
     summary = _summary(reports)
     if as_json:
-        _print_json(reports, summary)
+        click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary}, indent=2))
     else:
         _print_summary(err if verb == "diff" else out, reports, summary, verb, quiet)
     if summary["errors"]:
@@ -204,14 +236,14 @@ def main() -> None:
 @main.command()
 @_common
 def diff(**options):
-    """Dry run: a coloured unified diff and a summary. Writes nothing."""
+    """Dry run: the exact patch apply would write, and a summary. Writes nothing."""
     sys.exit(_run("diff", **options))
 
 
 @main.command()
 @_common
 def apply(**options):
-    """Rewrite the files in place (atomically, keeping mode, encoding and line endings)."""
+    """Rewrite the files in place (atomically, keeping mode, owner, encoding and line endings)."""
     sys.exit(_run("apply", **options))
 
 
@@ -223,31 +255,35 @@ def check(**options):
 
 
 @main.command()
-@_common
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--base", required=True, metavar="REV", help="git revision to compare against")
-def verify(base, paths, include, exclude, as_json, color, quiet, **_):
+@click.option("--include", multiple=True, default=("run_*.py",), show_default=True, help="glob of files to check")
+@click.option("--exclude", multiple=True, help="glob of files or folders to leave out (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of text")
+@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="print only sites that are not equivalent, and errors")
+def verify(paths, base, include, exclude, as_json, color, quiet):
     """Check that every site changed since git REV computes what it computed there."""
-    from codemods.verify.base import changed_since, git_root, verify_file
+    from codemods.since import changed_files, verify_file
 
     out, err = _consoles(color)
     paths = tuple(paths) or (Path("."),)
-    changed: dict[Path, Path] = {}  # changed file -> its repository root
-    for path in paths:
-        try:
-            root = git_root(path if path.exists() else Path("."))
-            changed |= dict.fromkeys(changed_since(root, base), root)
-        except MigrationError as error:
-            err.print(f"error: {error}", markup=False, highlight=False, style="red", soft_wrap=True)
-            sys.exit(2)
+    try:
+        changed = changed_files(paths, base)
+    except MigrationError as error:
+        if as_json:
+            click.echo(json.dumps({"files": [], "summary": {}, "error": str(error)}, indent=2))
+        err.print(f"error: {error}", markup=False, highlight=False, style="red", soft_wrap=True)
+        sys.exit(2)
     reports = []
     for candidate in discover(paths, tuple(include), tuple(exclude)):
         path = candidate.path.as_posix()
         if candidate.problem:
             reports.append(_problem_report(candidate))
             continue
-        root = changed.get(candidate.path.resolve())
+        origin = changed.get(candidate.path.resolve())
         try:
-            sites = [] if root is None else verify_file(candidate.path, root, base)
+            sites = [] if origin is None else verify_file(candidate.path, *origin, base)
         except (MigrationError, OSError) as error:
             reports.append(FileReport(path, "error", str(error)))
             continue
@@ -255,7 +291,7 @@ def verify(base, paths, include, exclude, as_json, color, quiet, **_):
     summary = _summary(reports)
     not_equivalent = [s for r in reports for s in r.sites if s["action"] != "skipped" and not s["verified"]]
     if as_json:
-        _print_json(reports, summary)
+        click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary}, indent=2))
     else:
         for report in reports:
             for site in report.sites:
@@ -267,3 +303,17 @@ def verify(base, paths, include, exclude, as_json, color, quiet, **_):
                 out.print(f"{report.path}:{site['line']}: {verdict}", markup=False, highlight=False, soft_wrap=True)
         _print_summary(out, reports, summary, "verify", quiet)
     sys.exit(2 if summary["errors"] else 1 if not_equivalent else 0)
+
+
+@main.command()
+@click.argument("code")
+def explain(code: str):
+    """Print what a refusal code means and how to make the loop migratable."""
+    known = {c.code: c for c in Code}
+    wanted = code.strip().upper()
+    if wanted not in known:
+        click.echo(f"error: unknown code {code!r}; codes are {', '.join(sorted(known))}", err=True)
+        sys.exit(2)
+    text = (DOCS / "refusals.md").read_text(encoding="utf-8") if (DOCS / "refusals.md").is_file() else ""
+    match = re.search(rf"^## {wanted}\b.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    click.echo(match.group(0).rstrip() if match else f"{wanted}: {known[wanted].summary}")

@@ -1,5 +1,81 @@
-"""Numerical verification of rewritten sites (DESIGN §6)."""
+"""Numerical verification of edited sites, independent of the recognizer (see ``docs/verification.md``).
 
-from codemods.verify.harness import SiteProgram, program, verify_programs
+``program`` builds the two programs of a site from the code alone; ``worker`` runs them
+on a domain of inputs chosen to contradict assumptions (it imports torch, lazily, the
+first time a site is verified in a process).
+"""
 
-__all__ = ["SiteProgram", "program", "verify_programs"]
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import libcst as cst
+import libcst.matchers as m
+
+from codemods.mtp_loop.dataflow import FlowIndex, Point, locate
+from codemods.mtp_loop.plan import Decision, UtilityImport, marked_regions
+from codemods.mtp_loop.spec import Action
+from codemods.refusals import Code, Refusal
+from codemods.verify.program import SiteProgram, build
+
+
+def _scopes(module: cst.Module) -> Iterable[cst.FunctionDef | cst.Module]:
+    yield module
+    yield from m.findall(module, m.FunctionDef())
+
+
+def _point(module: cst.Module, statement: cst.BaseStatement) -> Point | None:
+    for scope in _scopes(module):
+        point = locate(scope, statement)
+        if point is not None:
+            return point
+    return None
+
+
+def programs(original: cst.Module, written: cst.Module, decisions: list[Decision],
+             utility_file: str, utility_module: str) -> tuple[list[SiteProgram], dict[int, Refusal]]:
+    """The two programs of every edited site, or the reason one cannot be built (by line).
+
+    ``written`` is the module as it will be written, its sites marked by ``edit(mark=True)``.
+    """
+    old_index, new_index = FlowIndex(), FlowIndex()
+    regions = marked_regions(written)
+    built, refused = [], {}
+    for decision in decisions:
+        if decision.action is Action.SKIPPED:
+            continue
+        site = decision.site
+        old = locate(site.scope, site.block[site.start])
+        old = Point(old.scope, old.levels, site.stop)
+        marked = regions.get(site.line, [])
+        new = _point(written, marked[0][0][marked[0][1]]) if marked else None
+        if new is None or len({id(block) for block, _ in marked}) != 1:
+            refused[site.line] = Refusal(Code.VERIFIER_FAILED, "cannot find the edited site in the written file")
+            continue
+        stop = new.start + len(marked)
+        try:
+            built.append(build((old, old_index, original), (Point(new.scope, new.levels, stop), new_index, written),
+                               site.line, utility={utility_module: utility_file}))
+        except Refusal as refusal:
+            refused[site.line] = refusal
+    return built, refused
+
+
+def verify_sites(original: cst.Module, written: cst.Module, decisions: list[Decision], utility: UtilityImport,
+                 utility_file: str) -> dict[int, Refusal | None]:
+    """``{line: None}`` for a site verified equivalent, ``{line: refusal}`` otherwise."""
+    from codemods.verify.worker import verify  # torch: only when a site needs it
+
+    built, results = programs(original, written, decisions, utility_file, utility.module)
+    results = dict(results)
+    for program in built:
+        verdict = verify(program)
+        results[program.line] = None if verdict.ok else Refusal(_code(verdict.code), verdict.reason.split(": ", 1)[-1])
+    return results
+
+
+def _code(code: str) -> Code:
+    return next(c for c in Code if c.code == code)
+
+
+__all__ = ["SiteProgram", "build", "programs", "verify_sites"]
