@@ -1,4 +1,4 @@
-"""The per-head loop as pipelines inline it, generalised over every option of DESIGN §2.
+"""The per-head loop as pipelines inline it, generalised over every option of docs/semantics.md.
 
 Deliberately naive: one ``F.cross_entropy`` per head on a reshaped copy, Python
 ``if`` on the denominators. Tests compare ``compute_mtp_ce_loss`` against it.

@@ -1,0 +1,56 @@
+"""The house rules of the code base, checked: option defaults, refusal docs, import direction, sizes."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+from codemods.config import OPTION_DEFAULTS
+from codemods.refusals import Code
+from weighted_mtp.utils import compute_mtp_ce_loss
+
+ROOT = Path(__file__).parents[1]
+CODEMODS = ROOT / "codemods"
+
+
+def test_option_defaults_are_the_utilitys():
+    parameters = inspect.signature(compute_mtp_ce_loss).parameters
+    assert {name: parameters[name].default for name in OPTION_DEFAULTS} == OPTION_DEFAULTS
+
+
+def test_every_refusal_code_is_documented_once():
+    text = (ROOT / "docs" / "refusals.md").read_text()
+    documented = re.findall(r"^## (MTP\d{3})\b", text, flags=re.M)
+    assert sorted(documented) == sorted(code.code for code in Code)
+    assert len({code.code for code in Code}) == len(Code)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return {name for name in names if name.startswith("codemods")}
+
+
+# cli -> runner -> (commands, verify) -> mtp_loop -> cst helpers; verify never imports commands.
+FORBIDDEN = {
+    "mtp_loop": ("codemods.commands", "codemods.verify", "codemods.cli", "codemods.runner", "codemods.since"),
+    "verify": ("codemods.commands", "codemods.cli", "codemods.runner", "codemods.since"),
+    "commands": ("codemods.verify", "codemods.cli", "codemods.runner", "codemods.since"),
+}
+
+
+def test_imports_point_one_way():
+    for package, forbidden in FORBIDDEN.items():
+        for path in (CODEMODS / package).glob("*.py"):
+            bad = [name for name in _imports(path) if name.startswith(forbidden)]
+            assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_no_path_outside_the_repository_is_cited():
+    for path in [*ROOT.glob("codemods/**/*.py"), *ROOT.glob("weighted_mtp/**/*.py"), ROOT / "README.md",
+                 *ROOT.glob("docs/*.md")]:
+        assert "shared/DESIGN" not in path.read_text(), path
