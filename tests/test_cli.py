@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from codemods import runner
+from codemods import source
 from codemods.cli import main
+from codemods.refusals import Code, Refusal
 
 ROOT = Path(__file__).parents[1]
 BEFORE = ROOT / "fixtures" / "pipelines" / "before"
@@ -82,7 +83,6 @@ def test_crlf_and_bom_survive_apply(tmp_path):
 BAD_INPUTS = {
     "run_syntax.py": b"import torch.nn.functional as F\ndef f(:\n    F.cross_entropy\n",
     "run_latin1.py": "x = 'caf\u00e9'  # cross_entropy\n".encode("latin-1"),
-    "run_empty.py": b"",
     "run_binary.py": b"\x00\x01cross_entropy\x00",
 }
 
@@ -129,7 +129,8 @@ def test_json_schema(repo):
         assert set(entry) == {"path", "status", "error", "sites"}
         assert entry["status"] in {"changed", "unchanged", "skipped", "error"}
         for site in entry["sites"]:
-            assert set(site) == {"line", "action", "reason", "verified"}
+            assert set(site) == {"line", "action", "code", "reason", "verified"}
+            assert (site["code"] is None) == (site["action"] != "skipped")
             assert site["action"] in {"rewritten", "del_inserted", "skipped"}
     summary = report["summary"]
     assert (summary["sites_rewritten"], summary["dels_inserted"], summary["sites_skipped"]) == (5, 1, 1)
@@ -152,9 +153,9 @@ def test_interrupted_write_leaves_the_original_intact(tmp_path, monkeypatch):
     def crash(*_):
         raise KeyboardInterrupt  # killed between writing the temp file and replacing
 
-    monkeypatch.setattr(runner.os, "replace", crash)
+    monkeypatch.setattr(source.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        runner.write_atomic(target, b"half")
+        source.write_atomic(target, b"half")
     assert target.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_baseline.py"]
 
@@ -192,13 +193,23 @@ def test_apply_verifies_sites_and_skips_one_that_fails(tmp_path, monkeypatch):
     original = target.read_bytes()
     import codemods.verify
 
-    monkeypatch.setattr(codemods.verify, "verify_programs", lambda programs: [
-        {"line": p.line, "ok": False, "reason": "random: output 0 differs by 0.5", "cases": {}} for p in programs])
+    def refuse_all(original, edited, decisions, utility, utility_file):
+        return {d.line: Refusal(Code.NOT_EQUIVALENT, "`loss` differs by 0.5 (on B=2 ...)") for d in decisions}
+
+    monkeypatch.setattr(codemods.verify, "verify_sites", refuse_all)
     result = invoke("apply", ".", "--json", "--jobs", "1", cwd=tmp_path)
     sites = json.loads(result.output)["files"][0]["sites"]
     assert [s["action"] for s in sites] == ["skipped", "skipped"]
-    assert all(s["reason"].startswith("not verified: random") and not s["verified"] for s in sites)
+    assert all(s["code"] == "MTP201" and not s["verified"] for s in sites)
     assert target.read_bytes() == original and result.exit_code == 0
+
+
+def test_empty_and_whitespace_files_are_simply_unchanged(tmp_path):
+    (tmp_path / "run_empty.py").write_bytes(b"")
+    (tmp_path / "run_blank.py").write_bytes(b"\n  \n")
+    result = invoke("check", ".", "--json", cwd=tmp_path)
+    assert result.exit_code == 0
+    assert {f["status"] for f in json.loads(result.output)["files"]} == {"unchanged"}
 
 
 def test_apply_reports_verified_sites_and_no_verify_skips_verification(tmp_path):

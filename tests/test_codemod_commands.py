@@ -4,14 +4,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import libcst as cst
 from libcst.codemod import CodemodTest
 
 from codemods.commands.add_utility_import import AddUtilityImportCommand
 from codemods.commands.export_utility import ExportUtilityCommand
 from codemods.commands.insert_mtp_del import InsertMTPDelCommand
 from codemods.commands.remove_dead_code import RemoveDeadCodeCommand
+from codemods.refusals import Code
 from codemods.runner import migrate_source
-from codemods.vendoring import plan_vendoring
+from codemods.vendoring import utility_target
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = ROOT / "fixtures" / "codemod"
@@ -132,21 +134,70 @@ def test_utility_module_option():
     assert "from my_project.losses import compute_mtp_ce_loss\n" in output
 
 
-def test_vendoring_writes_identical_utility_and_exports(tmp_path):
+SHIPPED = (ROOT / "weighted_mtp" / "utils" / "loss_utils.py").read_bytes()
+
+
+def _package(tmp_path, init: str = 'from weighted_mtp.utils.misc import helper\n\n__all__ = ["helper"]\n'):
     package = tmp_path / "weighted_mtp" / "utils"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text('from weighted_mtp.utils.misc import helper\n\n__all__ = ["helper"]\n')
-    changes = plan_vendoring(tmp_path)
-    assert set(changes) == {package / "loss_utils.py", package / "__init__.py"}
-    shipped = (ROOT / "weighted_mtp" / "utils" / "loss_utils.py").read_bytes()
-    assert changes[package / "loss_utils.py"][1] == shipped
-    init = changes[package / "__init__.py"][1].decode()
+    (package / "__init__.py").write_text(init)
+    (tmp_path / ".git").mkdir()
+    return package
+
+
+def test_vendoring_writes_identical_utility_and_exports(tmp_path):
+    package = _package(tmp_path)
+    target = utility_target(tmp_path)
+    assert target.problem is None
+    assert set(target.writes) == {package / "loss_utils.py", package / "__init__.py"}
+    assert target.writes[package / "loss_utils.py"][1] == SHIPPED
+    init = target.writes[package / "__init__.py"][1].decode()
     assert "from weighted_mtp.utils.loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted" in init
     assert '"compute_mtp_ce_loss_unweighted"]' in init
-    for path, (_, new) in changes.items():
+    for path, (_, new) in target.writes.items():
         path.write_bytes(new)
-    assert plan_vendoring(tmp_path) == {}
-    assert plan_vendoring(ROOT) == {}  # our own package is never vendored into
+    utility_target.cache_clear()
+    assert utility_target(tmp_path).writes == {}
+    assert utility_target(ROOT / "fixtures").writes == {}  # our own package is never vendored into
+
+
+def test_a_different_loss_utils_is_never_overwritten(tmp_path):
+    package = _package(tmp_path)
+    (package / "loss_utils.py").write_text("def compute_mtp_ce_loss(*a):\n    return 0\n")
+    target = utility_target(tmp_path / "weighted_mtp")
+    assert target.writes == {} and target.problem.code is Code.FOREIGN_UTILITY
+    assert "loss_utils.py" in str(target.problem) and "--utility-module" in str(target.problem)
+
+
+def test_an_init_that_exports_another_function_is_never_overwritten(tmp_path):
+    _package(tmp_path, "from weighted_mtp.utils.legacy import compute_mtp_ce_loss\n")
+    target = utility_target(tmp_path)
+    assert target.writes == {} and target.problem.code is Code.FOREIGN_UTILITY and "__init__.py" in str(target.problem)
+
+
+def test_a_new_utility_module_is_written_beside_the_package(tmp_path):
+    package = _package(tmp_path)
+    (package / "loss_utils.py").write_text("# theirs\n")
+    target = utility_target(tmp_path, "weighted_mtp.utils.mtp_loss")
+    assert target.problem is None and target.writes == {package / "mtp_loss.py": (b"", SHIPPED)}
+
+
+def test_a_utility_module_nowhere_in_the_tree_is_refused(tmp_path):
+    (tmp_path / ".git").mkdir()
+    target = utility_target(tmp_path, "elsewhere.losses")
+    assert target.problem.code is Code.UTILITY_UNAVAILABLE
+
+
+def test_export_keeps_comments_and_blank_lines_of_all(tmp_path):
+    before = (
+        "from .evaluation import evaluate\nfrom .s3 import upload\n\n__all__ = [\n    # Evaluation utils\n"
+        '    "evaluate",\n\n    # S3 utils\n    "upload",  # the only one\n]\n'
+    )
+    after = ExportUtilityCommand(_context("pkg/__init__.py")).transform_module(cst.parse_module(before)).code
+    assert "    # Evaluation utils\n" in after and "    # S3 utils\n" in after and '"upload",  # the only one\n' in after
+    assert after.count("# the only one") == 1
+    listed = [line.strip().strip('",') for line in after.split("__all__ = [")[1].splitlines() if '"' in line]
+    assert listed == sorted(listed)  # a sorted list stays sorted
 
 
 def test_runs_through_libcst_tool(tmp_path):

@@ -93,7 +93,7 @@ def _run(source: str, seed: int):
 @given(loop_variants(), st.integers(0, 1000))
 def test_generated_variant_is_rewritten_exactly(source, seed):
     result = migrate_source(source.encode())
-    assert [site["action"] for site in result.sites] == ["rewritten"], (result.sites, source)
+    assert [site.action.value for site in result.sites] == ["rewritten"], (result.sites, source)
     output = result.output.decode()
     assert "for " not in output.split("def compute", 1)[1]
     assert migrate_source(result.output).output == result.output

@@ -24,7 +24,7 @@ def _load(path: Path):
 def test_after_is_exactly_the_tool_output(name):
     result = migrate_source((PIPELINES / "before" / f"{name}.py").read_bytes())
     assert result.output == (PIPELINES / "after" / f"{name}.py").read_bytes()
-    assert result.sites and all(site["action"] != "skipped" or site["reason"] for site in result.sites)
+    assert result.sites and all(site.action.value != "skipped" or site.refusal for site in result.sites)
     assert migrate_source(result.output).output == result.output
 
 

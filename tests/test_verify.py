@@ -1,70 +1,143 @@
-"""The per-site verifier: it passes the tool's rewrites and catches seeded wrong ones."""
+"""The verifier: it passes the tool's rewrites, catches seeded wrong ones, and is independent of the recognizer."""
 
 import json
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import libcst as cst
 import pytest
+from libcst.codemod import CodemodContext
 
-from codemods.commands.rewrite_mtp_loop import plan
-from codemods.mtp_loop.emit import replacement
-from codemods.mtp_loop.recognize import reads
-from codemods.verify import program, verify_programs
+from codemods.commands.rewrite_mtp_loop import RewriteMTPLoopCommand
+from codemods.mtp_loop.plan import edit, plan, utility_import
+from codemods.mtp_loop.spec import Action
+from codemods.refusals import Code
+from codemods.vendoring import SHIPPED_UTILITY
+from codemods.verify import programs, verify_sites
+from codemods.verify import worker as verify_worker
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "codemod"
-IMPORTS = {"compute_mtp_ce_loss": "weighted_mtp.utils", "compute_mtp_ce_loss_unweighted": "weighted_mtp.utils"}
 
 
-def site_and_replacement(case: str):
-    module = cst.parse_module((FIXTURES / f"{case}.in.py").read_bytes())
-    ((site, _, _),) = [p for p in plan(module, "rewrite") if p[0].spec is not None]
-    return site, replacement(site, reads(module))
+def verdicts(source: str, mutate=None, rho1: str = "rewrite") -> dict:
+    """Plan ``source``, optionally mutate each rewrite's text, and verify every edited site."""
+    module = cst.parse_module(source)
+    decisions = plan(module, rho1=rho1)
+    if mutate is not None:
+        decisions = [replace(d, statements=tuple(cst.parse_module(mutate(cst.Module(body=list(d.statements)).code)).body))
+                     if d.action is Action.REWRITTEN else d for d in decisions]
+    return verify_sites(module, written(module, decisions), decisions, utility_import(module), str(SHIPPED_UTILITY))
 
 
-def mutated(statements, pattern: str, substitute: str):
-    text = cst.Module(body=statements).code
-    changed = re.sub(pattern, substitute, text, count=1)
-    assert changed != text, pattern
-    return list(cst.parse_module(changed).body)
+def written(module, decisions):
+    """The module as the rewrite command writes it, its edited sites marked for the verifier."""
+    command = RewriteMTPLoopCommand(CodemodContext())
+    return command.cleanup(edit(module, decisions, mark=True), decisions, utility_import(module))
 
+
+def fixture(case: str) -> str:
+    return (FIXTURES / f"{case}.in.py").read_text()
+
+
+CASES = ["verifiable_weighted_and_unweighted", "rho1_selective_rewrite", "weighted_only_tensor_accumulator",
+         "detached_weights_previous", "baseline_unweighted_zero_based", "positive_negative_two_sites"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_tools_rewrites_verify(case):
+    results = verdicts(fixture(case))
+    assert results and all(refusal is None for refusal in results.values()), results
+
+
+def _sub(pattern: str, substitute: str):
+    def mutate(text: str) -> str:
+        changed = re.sub(pattern, substitute, text, count=1)
+        assert changed != text, pattern
+        return changed
+    return mutate
+
+
+BOOL_MASK = """
+import torch.nn.functional as F
+
+
+def loss(logits, labels, attention_mask):
+    _, seq_len, n_future, vocab_size = logits.shape
+    total = 0.0
+    for k in range(1, n_future + 1):
+        ce = F.cross_entropy(logits[:, :-k, k - 1].reshape(-1, vocab_size), labels[:, k:].reshape(-1), reduction="none")
+        mask = attention_mask[:, k:].bool().reshape(-1)
+        mask_sum = mask.sum()
+        if mask_sum > 0:
+            total += (ce * mask).sum() / mask_sum
+    return total / n_future
+"""
 
 MUTATIONS = {
-    "wrong weight alignment": ("verifiable_weighted_and_unweighted", r"weights=weights,", 'weights=weights, weight_alignment="previous",'),
+    "wrong weight alignment": ("verifiable_weighted_and_unweighted", r"weights=weights,",
+                               'weights=weights, weight_alignment="previous",'),
     "wrong normalisation": ("verifiable_weighted_and_unweighted", r"weights=weights,", 'weights=weights, normalize="weights",'),
     "wrong head averaging": ("rho1_selective_rewrite", r'head_average="valid",', ""),
     "dropped mask_ignored_labels": ("weighted_only_tensor_accumulator", r"mask_ignored_labels=False,", ""),
     "swapped outputs": ("verifiable_weighted_and_unweighted", r'\["weighted_ce_loss"\]', '["unweighted_ce_loss"]'),
     "wrong per-head metric": ("rho1_selective_rewrite", r'\["per_head_ce_loss"\]\[0\]', '["per_head_ce_loss"][1]'),
+    "all heads assumed": ("config_heads_noqa_import", r"n_future=N_FUTURE,", ""),
+    "mask cast dropped": (BOOL_MASK, r"attention_mask=attention_mask.bool\(\)", "attention_mask=attention_mask"),
+    "weights not detached": ("detached_weights_previous", r"weights=weights.detach\(\)", "weights=weights"),
+    "an output left unbound": ("verifiable_weighted_and_unweighted", r'unweighted_ce_loss = ce_losses\["unweighted_ce_loss"\]',
+                               "pass"),
 }
-
-
-def test_the_tools_rewrites_verify():
-    programs = [program(*site_and_replacement(case), IMPORTS) for case in
-                ("verifiable_weighted_and_unweighted", "rho1_selective_rewrite", "weighted_only_tensor_accumulator",
-                 "detached_weights_previous", "baseline_unweighted_zero_based")]
-    for verdict in verify_programs(programs):
-        assert verdict["ok"], verdict
-        assert set(verdict["cases"]) == {"random", "empty_head", "all_masked", "bf16"}
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_seeded_wrong_rewrite_is_detected(mutation):
     case, pattern, substitute = MUTATIONS[mutation]
-    site, statements = site_and_replacement(case)
-    (verdict,) = verify_programs([program(site, mutated(statements, pattern, substitute), IMPORTS)])
-    assert not verdict["ok"]
-    assert verdict["reason"]
+    results = verdicts(case if "\n" in case else fixture(case), _sub(pattern, substitute))
+    refusals = [r for r in results.values() if r is not None]
+    assert refusals, results
+    assert all(r.code in (Code.NOT_EQUIVALENT, Code.REWRITE_RAISES) for r in refusals), refusals
+    assert " (on B=" in str(refusals[0])  # the reason names the input it failed on
 
 
-def test_a_hanging_replacement_times_out():
-    site, statements = site_and_replacement("verifiable_weighted_and_unweighted")
-    hanging = [cst.parse_statement("while True:\n    pass\n"), *statements]
-    (verdict,) = verify_programs([program(site, hanging, IMPORTS)], timeout=20)
-    assert not verdict["ok"] and "timed out" in verdict["reason"]
+def test_a_hanging_rewrite_times_out(monkeypatch):
+    monkeypatch.setattr(verify_worker, "CALL_TIMEOUT_S", 1.0)
+    results = verdicts(fixture("verifiable_weighted_and_unweighted"),
+                       lambda text: "while True:\n    pass\n" + text)
+    (refusal,) = results.values()
+    assert refusal.code is Code.VERIFIER_FAILED and "longer than" in str(refusal)
+
+
+def test_the_verifier_binds_nothing_from_the_recognizer():
+    """F is whatever the file imports: here a module the verifier cannot import, so nothing is claimed."""
+    source = fixture("verifiable_weighted_and_unweighted").replace(
+        "import torch.nn.functional as F", "import torch.nn.functional as F\nimport not_a_module_anywhere as G")
+    source = source.replace("ce_loss_k = F.cross_entropy(", "ce_loss_k = G.cross_entropy(")
+    module = cst.parse_module(source)
+    decisions = plan(module, rho1="rewrite")
+    assert [d.action for d in decisions] == [Action.SKIPPED]
+    assert decisions[0].refusal.code is Code.NOT_TORCH_CROSS_ENTROPY
+    # Forced through anyway, the verifier cannot run the loop: it does not assume G is torch.
+    (good,) = plan(cst.parse_module(fixture("verifiable_weighted_and_unweighted")), rho1="rewrite")
+    forced = [replace(good, site=replace(decisions[0].site, spec=good.site.spec))]
+    results = verify_sites(module, written(module, forced), forced, utility_import(module), str(SHIPPED_UTILITY))
+    (refusal,) = results.values()
+    assert refusal.code in (Code.NOT_EXERCISED, Code.NOT_RUNNABLE), refusal
+
+
+def test_slots_are_read_off_the_code():
+    module = cst.parse_module((Path(__file__).parents[1] / "fixtures" / "pipelines" / "before" / "run_verifiable.py")
+                              .read_text())
+    decisions = plan(module)
+    built, _ = programs(module, written(module, decisions), decisions, str(SHIPPED_UTILITY), "weighted_mtp.utils")
+    paths = {slot.path: slot for slot in built[0].slots}
+    assert paths['pos_out["logits"]'].kind == "tensor" and paths['pos_out["logits"]'].rank == 4
+    assert paths['positive["labels"]'].kind == "tensor"
+    assert "weights" in paths  # td_error_weights(...) is project code: its result is an input
+    assert "weighted_ce_loss" in built[0].outputs and "unweighted_ce_loss" in built[0].outputs
 
 
 def _git(*args, cwd):
@@ -89,12 +162,17 @@ def test_verify_base_passes_after_apply_and_fails_on_a_hand_broken_copy(tmp_path
     assert len(sites) == 6 and all(s["verified"] for s in sites)
 
     broken = tmp_path / "pipelines" / "run_baseline.py"
-    broken.write_text(broken.read_text().replace("attention_mask=attention_mask,", "attention_mask=attention_mask,\n"
-                                                 "        mask_ignored_labels=False,", 1))
+    text = broken.read_text()
+    broken.write_text(text.replace("logits=logits,", "logits=logits,\n        mask_ignored_labels=False,", 1))
     failed = subprocess.run([*command, "verify", "--base", "HEAD~1", ".", "-q"], cwd=tmp_path,
                             capture_output=True, text=True)
-    assert failed.returncode == 1
-    assert "run_baseline.py:26: NOT equivalent" in failed.stdout
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "run_baseline.py:26: NOT equivalent: MTP201" in failed.stdout
+
+    _git("mv", "pipelines/run_baseline.py", "pipelines/run_baseline_renamed.py", cwd=tmp_path)
+    renamed = subprocess.run([*command, "verify", "--base", "HEAD~1", ".", "-q", "--include", "run_*.py"],
+                             cwd=tmp_path, capture_output=True, text=True)
+    assert renamed.returncode == 1 and "run_baseline_renamed.py:26: NOT equivalent" in renamed.stdout
 
     unknown = subprocess.run([*command, "verify", "--base", "no-such-rev", "."], cwd=tmp_path, capture_output=True)
     assert unknown.returncode == 2
