@@ -1,0 +1,296 @@
+"""An oracle for the adversarial suite, independent of the tool's own verifier.
+
+Every public function of a case module is called, before and after migration, on a grid
+of inputs chosen by parameter name (see ``VOCABULARY``). Where the original returns,
+the migrated function must return the same values and the same gradients of every
+floating input that requires grad: 1e-9 in fp64; in bf16/fp32, no worse than the
+original against the original run in fp64.
+
+The grid deliberately contradicts what pipelines usually assume: B differs from the
+head count, S runs from 1 to past the heads, integer parameters (``n_future``, ...)
+go below, at and above the logits' heads, masks are bool, float, soft, segment ids or
+differentiable, and weights are negative, above 1, integer or per-head.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import itertools
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SUPPORT = Path(__file__).parents[1] / "fixtures" / "adversarial" / "support"
+MASK_KINDS = ("long", "bool", "float", "soft", "segments", "grad")
+WEIGHT_KINDS = ("positive", "negative", "large", "integer")
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int = 2
+    seq: int = 7
+    heads: int = 3
+    vocab: int = 11
+    dtype: torch.dtype = torch.float64
+    mask: str = "long"
+    weights: str = "positive"
+    heads_delta: int = 0  # integer parameters that name a head count: heads + delta
+    length_delta: int = 0  # tensors that only carry a length (input_ids): seq + delta
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"B={self.batch} S={self.seq} H={self.heads} V={self.vocab} {str(self.dtype).split('.')[-1]} "
+                f"mask={self.mask} weights={self.weights} heads{self.heads_delta:+d} length{self.length_delta:+d}")
+
+
+def grid() -> list[Case]:
+    base = Case()
+    cases = [base]
+    cases += [replace(base, seq=s) for s in (1, 2, 3, 4, 9)]
+    cases += [replace(base, batch=b, seed=b) for b in (1, 3, 4)]
+    cases += [replace(base, vocab=v) for v in (2, 37)]
+    cases += [replace(base, heads=h, seed=h) for h in (1, 2, 4)]
+    cases += [replace(base, mask=m, seed=i) for i, m in enumerate(MASK_KINDS)]
+    cases += [replace(base, weights=w, seed=i) for i, w in enumerate(WEIGHT_KINDS)]
+    cases += [replace(base, heads_delta=d) for d in (-2, -1, 1)]
+    cases += [replace(base, length_delta=d) for d in (-1, 1)]
+    cases += [replace(base, dtype=d, mask=m) for d, m in itertools.product((torch.float32, torch.bfloat16),
+                                                                            ("long", "soft"))]
+    cases += [replace(base, mask=m, weights=w, seed=3) for m, w in (("soft", "negative"), ("segments", "large"))]
+    return cases
+
+
+def _mask(case: Case, gen: torch.Generator, shape) -> torch.Tensor:
+    ones = torch.ones(shape, dtype=torch.long)
+    ones[-1, -2:] = 0  # padding
+    if shape[1] > 4:
+        ones[0, 4] = 0  # a masked token whose label is not ignored
+    if case.mask == "long":
+        return ones
+    if case.mask == "bool":
+        return ones.bool()
+    if case.mask == "float":
+        return ones.double()
+    if case.mask == "segments":
+        return ones * torch.randint(1, 4, shape, generator=gen)
+    soft = torch.rand(shape, generator=gen, dtype=torch.float64) * ones
+    return soft.requires_grad_(case.mask == "grad")
+
+
+def _weights(case: Case, gen: torch.Generator, shape) -> torch.Tensor:
+    if case.weights == "integer":
+        return torch.randint(0, 4, shape, generator=gen)
+    raw = torch.rand(shape, generator=gen, dtype=torch.float64)
+    raw = {"positive": raw, "negative": 4 * raw - 2, "large": 1 + 5 * raw}[case.weights]
+    return raw.requires_grad_(True)
+
+
+def inputs(case: Case, parameters) -> dict:
+    """Arguments for a function with these parameter names; unknown names keep their defaults."""
+    gen = torch.Generator().manual_seed(case.seed)
+    b, s, h, v = case.batch, case.seq, case.heads, case.vocab
+    labels = torch.randint(0, v, (b, s), generator=gen)
+    labels[:, :2] = -100  # an ignored prompt
+    labels[-1, -2:] = -100  # padding
+    heads = h + case.heads_delta
+    logits = {name: (3 * torch.randn(b, s, h, v, generator=gen, dtype=torch.float64)).requires_grad_(True)
+              for name in ("logits", "pos_logits", "neg_logits")}
+    mask = _mask(case, gen, (b, s))
+    known = {
+        **logits,
+        "labels": labels, "pos_labels": labels, "neg_labels": labels.flip(0),
+        "attention_mask": mask, "mask": mask, "pos_attention_mask": mask, "loss_mask": mask,
+        "weights": _weights(case, gen, (b, s)), "head_weights": _weights(case, gen, (b, s, h)),
+        "input_ids": torch.randint(0, v, (b, s + case.length_delta), generator=gen),
+        "n_future": heads, "heads": heads, "seq_len": s, "vocab_size": v, "ignore_index": -100,
+        "model_dtype": torch.float64, "device": torch.device("cpu"),
+    }
+    config = SimpleNamespace(n_future=heads, vocab_size=v, ignore_index=-100, seq_len=s,
+                             model=SimpleNamespace(dtype=torch.float64, n_future=heads))
+    known["config"] = known["cfg"] = config
+    known["self"] = SimpleNamespace(config=config, n_future=heads, model_dtype=torch.float64,
+                                    device=torch.device("cpu"), ignore_index=-100)
+    arguments = {}
+    for name, parameter in parameters.items():
+        if name in known:
+            arguments[name] = known[name]
+        elif parameter.default is inspect.Parameter.empty:
+            raise KeyError(f"the oracle has no input for parameter `{name}`")
+    return arguments
+
+
+def _cast(arguments: dict, dtype: torch.dtype) -> dict:
+    """Floating tensors (and ``model_dtype``) in ``dtype``, fresh leaves with the same requires_grad."""
+    cast = {}
+    for name, value in arguments.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            cast[name] = value.detach().to(dtype).requires_grad_(value.requires_grad)
+        elif name == "model_dtype":
+            cast[name] = dtype
+        elif isinstance(value, SimpleNamespace):
+            cast[name] = _cast_namespace(value, dtype)
+        else:
+            cast[name] = value
+    return cast
+
+
+def _cast_namespace(namespace: SimpleNamespace, dtype: torch.dtype) -> SimpleNamespace:
+    fields = {}
+    for key, value in vars(namespace).items():
+        if isinstance(value, SimpleNamespace):
+            fields[key] = _cast_namespace(value, dtype)
+        else:
+            fields[key] = dtype if isinstance(value, torch.dtype) else value
+    return SimpleNamespace(**fields)
+
+
+def _leaves(value) -> list:
+    if isinstance(value, dict):
+        return [leaf for key in sorted(value, key=str) for leaf in _leaves(value[key])]
+    if isinstance(value, list | tuple):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+def run(function, arguments: dict):
+    """``(values, grads)``: every returned leaf as fp64, and the gradients of the differentiable inputs."""
+    result = function(**arguments)
+    leaves = _leaves(result)
+    values = [torch.as_tensor(leaf, dtype=torch.float64).detach() if isinstance(leaf, int | float) or torch.is_tensor(leaf)
+              else leaf for leaf in leaves]
+    differentiable = [leaf for leaf in leaves if torch.is_tensor(leaf) and leaf.requires_grad]
+    inputs_with_grad = {name: value for name, value in arguments.items()
+                        if torch.is_tensor(value) and value.requires_grad}
+    grads = {name: torch.zeros(value.shape, dtype=torch.float64) for name, value in inputs_with_grad.items()}
+    if differentiable and inputs_with_grad:
+        total = sum((index + 2) * leaf.double().sum() for index, leaf in enumerate(differentiable))
+        found = torch.autograd.grad(total, list(inputs_with_grad.values()), allow_unused=True)
+        for name, grad in zip(inputs_with_grad, found, strict=True):
+            if grad is not None:
+                grads[name] = grad.double()
+    return values, grads
+
+
+def _error(got, want) -> float:
+    if torch.is_tensor(want) and torch.is_tensor(got):
+        if got.shape != want.shape:
+            return float("inf")
+        return (got - want).abs().max().item() if got.numel() else 0.0
+    return 0.0 if got == want else float("inf")
+
+
+class _ExactFormula(TorchFunctionMode):
+    """The loop's own formula in exact arithmetic: every cast to a lower float precision becomes fp64."""
+
+    LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
+            func = torch.Tensor.double
+        args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in self.LOW else a for a in args)
+        if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"] in self.LOW:
+            kwargs["dtype"] = torch.float64
+        return func(*args, **kwargs)
+
+
+def _exact(original, arguments: dict):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with _ExactFormula():
+            return run(original, _cast(arguments, torch.float64))
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def compare(original, migrated, case: Case) -> str | None:
+    """``None`` if ``migrated`` matches ``original`` on ``case`` (or the original raises there).
+
+    Matching means within 1e-9 (relative to the values' scale) of what the loop returns;
+    where the loop itself rounds (low-precision inputs, or a cast to a lower precision
+    inside), it means no further from the loop's exact formula than the loop is, or, in
+    low precision, within two rounding units of the loop (two roundings of the same
+    numbers cancel differently). The exact formula is the loop run on the same (rounded)
+    inputs with every float cast widened to fp64.
+    """
+    parameters = inspect.signature(original).parameters
+    base = _cast(inputs(case, parameters), case.dtype)
+    try:
+        want = run(original, _cast(base, case.dtype))
+    except Exception:
+        return None  # the original raises: the case does not count
+    try:
+        got = run(migrated, _cast(base, case.dtype))
+    except Exception as error:
+        return f"{case.describe()}: the migrated code raises {type(error).__name__}: {error}"
+    if len(got[0]) != len(want[0]):
+        return f"{case.describe()}: {len(got[0])} outputs instead of {len(want[0])}"
+    pairs = [(f"output {i}", g, w) for i, (g, w) in enumerate(zip(got[0], want[0], strict=True))]
+    pairs += [(f"d/d{name}", got[1][name], want[1][name]) for name in want[1]]
+    scales = [1.0 + (w.abs().max().item() if torch.is_tensor(w) and w.numel() else 0.0) for _, _, w in pairs]
+    if all(_error(g, w) <= 1e-9 * scale for (_, g, w), scale in zip(pairs, scales, strict=True)):
+        return None
+    try:
+        exact = _exact(original, base)
+    except Exception:
+        exact = want
+    references = [*exact[0], *(exact[1][name] for name in want[1])]
+    slack = 1e-9 if case.dtype == torch.float64 else 1e-6
+    for (label, g, w), t, scale in zip(pairs, references, scales, strict=True):
+        if not torch.is_tensor(t):
+            if _error(g, w) > 0:
+                return f"{case.describe()}: {label} differs"
+            continue
+        rounding = case.dtype != torch.float64 and _error(g, w) <= 2 * torch.finfo(case.dtype).eps * scale
+        if _error(g, t) > 1.25 * _error(w, t) + slack * scale and not rounding:
+            return (f"{case.describe()}: {label} differs by {_error(g, w):.3g} (error {_error(g, t):.3g} against "
+                    f"the exact formula, the original's {_error(w, t):.3g})")
+    return None
+
+
+def load(path: Path, name: str):
+    if str(SUPPORT) not in sys.path:
+        sys.path.insert(0, str(SUPPORT))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def public_functions(module) -> list[str]:
+    return [name for name, value in vars(module).items()
+            if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")]
+
+
+def differences(before: Path, after: Path) -> list[str]:
+    """Every case on which a public function of ``after`` departs from ``before``."""
+    original, migrated = load(before, f"{before.stem}_before"), load(after, f"{after.stem}_after")
+    found = []
+    for name in public_functions(original):
+        for case in grid():
+            problem = compare(getattr(original, name), getattr(migrated, name), case)
+            if problem:
+                found.append(f"{name}: {problem}")
+                break
+    return found
+
+
+def exercised(path: Path) -> int:
+    """How many grid cases the original's functions return on (a case that never runs tests nothing)."""
+    module = load(path, f"{path.stem}_exercised")
+    count = 0
+    for name in public_functions(module):
+        function = getattr(module, name)
+        for case in grid():
+            try:
+                run(function, _cast(inputs(case, inspect.signature(function).parameters), case.dtype))
+                count += 1
+            except Exception:
+                pass
+    return count
