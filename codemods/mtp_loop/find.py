@@ -12,9 +12,10 @@ from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProv
 from codemods.config import UTILITY_NAMES
 from codemods.cst_utils import code, dotted, literal_number
 from codemods.mtp_loop.classify import classify
-from codemods.mtp_loop.dataflow import FlowIndex, Point, binds, live_after, locate
+from codemods.mtp_loop.dataflow import FlowIndex, Point, live_after, locate
 from codemods.mtp_loop.evaluate import LoopEvaluator, evaluate
 from codemods.mtp_loop.facts import Facts
+from codemods.mtp_loop.names import binds
 from codemods.mtp_loop.site import Site
 from codemods.mtp_loop.spec import Average
 from codemods.mtp_loop.symbolic import Ratio, View

@@ -14,9 +14,9 @@ import libcst.matchers as m
 
 from codemods.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
 from codemods.cst_utils import code
-from codemods.mtp_loop.dataflow import binds, bound_name, target_names
 from codemods.mtp_loop.emit import DEFAULT_LINE_LENGTH, del_statement, function_name, replacement
 from codemods.mtp_loop.find import Analysis, find_sites
+from codemods.mtp_loop.names import binds, bound_name, target_names
 from codemods.mtp_loop.site import Site
 from codemods.mtp_loop.spec import Action
 from codemods.refusals import Code, Refusal
