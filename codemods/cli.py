@@ -27,13 +27,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from codemods.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
-from codemods.discovery import discover
+from codemods.discovery import discover, shown
 from codemods.refusals import Code
 from codemods.runner import migrate_file, rewrote
 from codemods.source import MigrationError, write_atomic
 from codemods.vendoring import utility_target
 
 DOCS = Path(__file__).parents[1] / "docs"
+OUTPUT_FORMATS = ("text", "json", "github")
 
 
 @dataclass
@@ -50,10 +51,10 @@ class FileReport:
         return {"path": self.path, "status": self.status, "error": self.error, "sites": self.sites}
 
 
-def process(path: str, rho1: str, utility_module: str, verify: bool) -> FileReport:
+def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool) -> FileReport:
     """One file, never raising: bad input becomes an ``error`` report (runs in a worker)."""
     try:
-        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, verify=verify)
+        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, verify=verify, cache=cache)
     except MigrationError as error:
         return FileReport(path, "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either
@@ -91,7 +92,7 @@ def _process_all(candidates, options, jobs: int, console: Console) -> list[FileR
 
 
 def _problem_report(candidate) -> FileReport:
-    return FileReport(candidate.path.as_posix(), "skipped" if candidate.skipped else "error", candidate.problem)
+    return FileReport(shown(candidate.path.as_posix()), "skipped" if candidate.skipped else "error", candidate.problem)
 
 
 def _vendoring_reports(reports: list[FileReport], utility_module: str) -> list[FileReport]:
@@ -169,6 +170,15 @@ def _consoles(color: str) -> tuple[Console, Console]:
     return Console(highlight=False, **settings), Console(stderr=True, highlight=False, **settings)
 
 
+def _apply_all(decorators: list):
+    def decorate(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return decorate
+
+
 def _common(function):
     decorators = [
         click.argument("paths", nargs=-1, type=click.Path(path_type=Path)),
@@ -180,15 +190,41 @@ def _common(function):
         click.option("--rho1", type=click.Choice(RHO1_MODES), default=DEFAULT_RHO1, show_default=True,
                      help="rho1-style loops: insert del, rewrite them, or skip them"),
         click.option("--no-verify", is_flag=True, help="do not verify sites numerically (faster; not recommended)"),
+        click.option("--no-cache", is_flag=True, help="verify every site again (ignore .mtp_migrate_cache/)"),
         click.option("--utility-module", default=DEFAULT_UTILITY_MODULE, show_default=True,
                      callback=_module_name, help="import path of compute_mtp_ce_loss"),
-        click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of text"),
-        click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True),
+        *_output_options(),
         click.option("--quiet", "-q", is_flag=True, help="print only errors"),
     ]
-    for decorator in reversed(decorators):
-        function = decorator(function)
-    return function
+    return _apply_all(decorators)(function)
+
+
+def _output_options() -> list:
+    return [
+        click.option("--output-format", type=click.Choice(OUTPUT_FORMATS), default="text", show_default=True,
+                     help="text for people, json for tools, github for Actions annotations"),
+        click.option("--json", "as_json", is_flag=True, help="same as --output-format json"),
+        click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True),
+    ]
+
+
+def _github_annotations(reports: list[FileReport], verb: str) -> None:
+    """``::warning file=…,line=…::`` for every pending and refused site, ``::error`` for every file error."""
+    def escape(text: str) -> str:
+        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    for report in reports:
+        where = escape(report.path).replace(",", "%2C").replace(":", "%3A")
+        if report.status == "error":
+            click.echo(f"::error file={where},title=mtp-migrate::{escape(report.error or '')}")
+        for site in report.sites:
+            if site["action"] == "skipped":
+                message = f"left as it is: {site['reason']} (mtp-migrate explain {site['code']})"
+            elif verb in ("diff", "check"):
+                message = f"{site['action'].replace('_', ' ')} pending: run `mtp-migrate apply`"
+            else:
+                continue
+            click.echo(f"::warning file={where},line={site['line']},title=mtp-migrate::{escape(message)}")
 
 
 def _module_name(context, parameter, value: str) -> str:
@@ -197,16 +233,21 @@ def _module_name(context, parameter, value: str) -> str:
     return value
 
 
-def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, utility_module, as_json, color, quiet) -> int:
+def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, utility_module, output_format,
+         as_json, color, quiet) -> int:
     out, err = _consoles(color)
+    output_format = "json" if as_json else output_format
+    as_json = output_format == "json"
     paths = tuple(paths) or (Path("."),)
     candidates = list(discover(paths, tuple(include), tuple(exclude)))
-    options = {"rho1": rho1, "utility_module": utility_module, "verify": not no_verify}
-    reports = _process_all(candidates, options, jobs, err if not (quiet or as_json) else Console(quiet=True))
+    stale = [c.path for c in candidates if c.stale]
+    candidates = [c for c in candidates if not c.stale]
+    options = {"rho1": rho1, "utility_module": utility_module, "verify": not no_verify, "cache": not no_cache}
+    reports = _process_all(candidates, options, jobs, err if output_format == "text" and not quiet else Console(quiet=True))
     reports += _vendoring_reports(reports, utility_module)
     reports.sort(key=lambda report: report.path)
     changed = [r for r in reports if r.status == "changed"]
-    if verb == "diff" and not as_json:
+    if verb == "diff" and output_format == "text":
         for report in changed:
             _write_diff(unified_diff(report), out.is_terminal if color == "auto" else color == "always")
     if verb == "apply":
@@ -217,14 +258,34 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, utility_modu
                 report.status, report.error = "error", str(error)
             except OSError as error:
                 report.status, report.error = "error", f"cannot write: {error.strerror or error}"
+    notes = _clean_up(stale, remove=verb == "apply")
     summary = _summary(reports)
     if as_json:
-        click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary}, indent=2))
+        click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary, "notes": notes}, indent=2))
+    elif output_format == "github":
+        _github_annotations(reports, verb)
     else:
         _print_summary(err if verb == "diff" else out, reports, summary, verb, quiet)
+        for note in notes:
+            err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if summary["errors"]:
         return 2
     return 1 if changed and verb in ("diff", "check") else 0
+
+
+def _clean_up(stale: list[Path], remove: bool) -> list[str]:
+    """Temp files an interrupted ``apply`` left: ``apply`` removes them, the dry runs only say so."""
+    notes = []
+    for path in stale:
+        if not remove:
+            notes.append(f"{shown(path.as_posix())}: temp file left by an interrupted run (apply removes it)")
+            continue
+        try:
+            path.unlink()
+            notes.append(f"removed {shown(path.as_posix())}: temp file left by an interrupted run")
+        except OSError as error:
+            notes.append(f"cannot remove {shown(path.as_posix())}: {error.strerror or error}")
+    return notes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -259,50 +320,67 @@ def check(**options):
 @click.option("--base", required=True, metavar="REV", help="git revision to compare against")
 @click.option("--include", multiple=True, default=("run_*.py",), show_default=True, help="glob of files to check")
 @click.option("--exclude", multiple=True, help="glob of files or folders to leave out (repeatable)")
-@click.option("--json", "as_json", is_flag=True, help="print a JSON report instead of text")
-@click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+              help="worker processes (at most one per file)")
+@_apply_all(_output_options())
 @click.option("--quiet", "-q", is_flag=True, help="print only sites that are not equivalent, and errors")
-def verify(paths, base, include, exclude, as_json, color, quiet):
+def verify(paths, base, include, exclude, jobs, output_format, as_json, color, quiet):
     """Check that every site changed since git REV computes what it computed there."""
-    from codemods.since import changed_files, verify_file
+    from codemods.since import changed_files
 
     out, err = _consoles(color)
+    output_format = "json" if as_json else output_format
     paths = tuple(paths) or (Path("."),)
     try:
         changed = changed_files(paths, base)
     except MigrationError as error:
-        if as_json:
+        if output_format == "json":
             click.echo(json.dumps({"files": [], "summary": {}, "error": str(error)}, indent=2))
         err.print(f"error: {error}", markup=False, highlight=False, style="red", soft_wrap=True)
         sys.exit(2)
-    reports = []
-    for candidate in discover(paths, tuple(include), tuple(exclude)):
-        path = candidate.path.as_posix()
-        if candidate.problem:
-            reports.append(_problem_report(candidate))
-            continue
-        origin = changed.get(candidate.path.resolve())
-        try:
-            sites = [] if origin is None else verify_file(candidate.path, *origin, base)
-        except (MigrationError, OSError) as error:
-            reports.append(FileReport(path, "error", str(error)))
-            continue
-        reports.append(FileReport(path, "changed" if sites else "unchanged", None, sites))
+    candidates = list(discover(paths, tuple(include), tuple(exclude)))
+    reports = {c.path.as_posix(): _problem_report(c) for c in candidates if c.problem and not c.stale}
+    todo = [(c.path, *changed[c.path.resolve()]) for c in candidates
+            if not c.problem and c.path.resolve() in changed]
+    reports.update({c.path.as_posix(): FileReport(c.path.as_posix(), "unchanged") for c in candidates
+                    if not c.problem and c.path.resolve() not in changed})
+    work = partial(_verify_one, revision=base)
+    jobs = max(1, min(jobs, len(todo)))
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            reports.update((report.path, report) for report in pool.map(work, todo))
+    else:
+        reports.update((report.path, report) for report in map(work, todo))
+    reports = [reports[key] for key in sorted(reports)]
     summary = _summary(reports)
     not_equivalent = [s for r in reports for s in r.sites if s["action"] != "skipped" and not s["verified"]]
-    if as_json:
+    if output_format == "json":
         click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary}, indent=2))
+    elif output_format == "github":
+        _github_annotations(reports, "verify")
     else:
         for report in reports:
             for site in report.sites:
                 verdict = "equivalent" if site["verified"] else f"NOT equivalent: {site['reason']}"
-                if site["action"] == "skipped":
-                    verdict = f"skipped: {site['reason']}"
                 if quiet and site["verified"]:
                     continue
                 out.print(f"{report.path}:{site['line']}: {verdict}", markup=False, highlight=False, soft_wrap=True)
         _print_summary(out, reports, summary, "verify", quiet)
     sys.exit(2 if summary["errors"] else 1 if not_equivalent else 0)
+
+
+def _verify_one(job: tuple[Path, Path, str], revision: str) -> FileReport:
+    """One changed file against its version at ``revision`` (runs in a worker; never raises)."""
+    from codemods.since import verify_file
+
+    path, root, old_path = job
+    try:
+        sites = verify_file(path, root, old_path, revision)
+    except (MigrationError, OSError) as error:
+        return FileReport(path.as_posix(), "error", str(error))
+    except Exception as error:  # a bug of ours must not stop the batch either
+        return FileReport(path.as_posix(), "error", f"internal error: {type(error).__name__}: {error}")
+    return FileReport(path.as_posix(), "changed" if sites else "unchanged", None, sites)
 
 
 @main.command()

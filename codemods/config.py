@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 DEFAULT_UTILITY_MODULE = "weighted_mtp.utils"
+DEFAULT_LINE_LENGTH = 88  # when the target sets none (black's and ruff's default)
 WEIGHTED = "compute_mtp_ce_loss"
 UNWEIGHTED = "compute_mtp_ce_loss_unweighted"
 UTILITY_NAMES = (WEIGHTED, UNWEIGHTED)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pathspec
 
+from codemods.source import stale_temp_file
+
 SKIPPED_DIRS = {".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv", ".tox", ".nox",
-                ".mypy_cache", ".ruff_cache", ".pytest_cache", "site-packages"}
+                ".mypy_cache", ".ruff_cache", ".pytest_cache", "site-packages", ".mtp_migrate_cache"}
 
 
 @dataclass(frozen=True)
@@ -19,10 +21,28 @@ class Candidate:
     path: Path
     problem: str | None = None  # a one-line reason the file is not processed
     skipped: bool = False  # the problem is a deliberate skip (a symlink), not an error
+    stale: bool = False  # a temp file a killed run of ours left: apply removes it
 
 
 def _is_virtualenv(directory: Path) -> bool:
-    return (directory / "pyvenv.cfg").is_file()
+    try:
+        return (directory / "pyvenv.cfg").is_file()
+    except OSError:
+        return False
+
+
+def undecodable(path: Path) -> bool:
+    """A name the file system gave as bytes that are not UTF-8 (Python holds them as surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown(path: Path | str) -> str:
+    """``path`` as text that can be printed: undecodable bytes as ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _matches(path: Path, patterns: tuple[str, ...]) -> bool:
@@ -55,6 +75,8 @@ def _once(candidate: Candidate, seen: set[Path]) -> Iterator[Candidate]:
 
 
 def _file_candidate(path: Path) -> Candidate:
+    if undecodable(path):
+        return Candidate(path, "file name is not valid UTF-8")
     if path.is_symlink():
         if not path.exists():
             return Candidate(path, "broken symlink or symlink loop")
@@ -64,15 +86,16 @@ def _file_candidate(path: Path) -> Candidate:
 
 def _walk(root: Path, include, exclude) -> Iterator[Candidate]:
     ignores: list[tuple[Path, pathspec.PathSpec]] = []
-    for directory, dirnames, filenames in os.walk(root):
+    unreadable: list[OSError] = []
+    for directory, dirnames, filenames in os.walk(root, onerror=unreadable.append):
+        while unreadable:
+            yield _unreadable_directory(unreadable.pop())
         here = Path(directory)
-        gitignore = here / ".gitignore"
-        if gitignore.is_file():
-            try:
-                lines = gitignore.read_text(encoding="utf-8", errors="replace").splitlines()
-                ignores.append((here, pathspec.GitIgnoreSpec.from_lines(lines)))
-            except OSError:
-                pass
+        try:
+            lines = (here / ".gitignore").read_text(encoding="utf-8", errors="replace").splitlines()
+            ignores.append((here, pathspec.GitIgnoreSpec.from_lines(lines)))
+        except OSError:
+            pass  # none, or unreadable: nothing to ignore here
 
         def ignored(path: Path, is_dir: bool) -> bool:
             for base, spec in ignores:
@@ -93,6 +116,15 @@ def _walk(root: Path, include, exclude) -> Iterator[Candidate]:
         dirnames[:] = kept
         for name in filenames:
             path = here / name
+            if stale_temp_file(path):
+                yield Candidate(path, "temp file left by an interrupted run", stale=True)
+                continue
             if not _matches(path, include) or _matches(path, exclude) or ignored(path, False):
                 continue
             yield _file_candidate(path)
+    for error in unreadable:  # the last folder walked
+        yield _unreadable_directory(error)
+
+
+def _unreadable_directory(error: OSError) -> Candidate:
+    return Candidate(Path(error.filename), f"cannot read directory: {error.strerror or error}")

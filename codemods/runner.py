@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from libcst.codemod import CodemodContext
 
+from codemods import target_style
+from codemods.cache import Cache, cache_root, digest
 from codemods.commands.rewrite_mtp_loop import RewriteMTPLoopCommand, Verifier
-from codemods.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE
+from codemods.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE
 from codemods.mtp_loop.spec import Action, SiteReport
 from codemods.refusals import Refusal
 from codemods.source import MigrationError, check_bytes, parse_source
@@ -30,29 +34,29 @@ class FileResult:
         return self.output != self.source
 
 
-def default_verifier() -> Verifier:
+def default_verifier(cache: Cache | None = None) -> Verifier:
     """Verification against the utility we ship (the one every rewrite imports, or refuses)."""
     from codemods.verify import verify_sites
 
-    return partial(verify_sites, utility_file=str(SHIPPED_UTILITY))
+    return partial(verify_sites, utility_file=str(SHIPPED_UTILITY), cache=cache)
 
 
 def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = DEFAULT_RHO1,
                    utility_module: str = DEFAULT_UTILITY_MODULE, verifier: Verifier | None = None,
-                   utility_problem: Refusal | None = None) -> FileResult:
+                   utility_problem: Refusal | None = None, line_length: int = DEFAULT_LINE_LENGTH) -> FileResult:
     """Apply ``RewriteMTPLoopCommand`` (and the commands it runs) to ``source``."""
     bom, module = parse_source(source)
     context = CodemodContext(filename=filename)
     command = RewriteMTPLoopCommand(context, rho1=rho1, utility_module=utility_module, verifier=verifier,
-                                    utility_problem=utility_problem)
+                                    utility_problem=utility_problem, line_length=line_length)
     output = command.transform_module(module)
     sites = sorted(context.scratch.get(RewriteMTPLoopCommand.REPORT_KEY, []), key=lambda site: site.line)
     return FileResult(source, bom + output.bytes if output is not module else source, sites)
 
 
 def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = DEFAULT_UTILITY_MODULE,
-                 verify: bool = True) -> FileResult:
-    """Read, check and migrate one file (nothing is written here)."""
+                 verify: bool = True, cache: bool = True) -> FileResult:
+    """Read, check and migrate one file (nothing is written here); an unchanged file is a cache hit."""
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -61,8 +65,19 @@ def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = 
     if not any(marker in data for marker in PREFILTER):
         return FileResult(data, data)
     target = utility_target(path.resolve().parent, utility_module)
-    return migrate_source(data, str(path), rho1=rho1, utility_module=utility_module,
-                          verifier=default_verifier() if verify else None, utility_problem=target.problem)
+    width = target_style.line_length(path.parent)
+    store = Cache(cache_root(path.parent)) if cache else None
+    key = digest("file", hashlib.sha256(data).hexdigest(), rho1, utility_module, verify, width,
+                 str(target.problem) if target.problem else None)
+    if store is not None and (hit := store.get("files", key)) is not None:
+        return FileResult(data, base64.b64decode(hit["output"]), [SiteReport.from_dict(s) for s in hit["sites"]])
+    result = migrate_source(data, str(path), rho1=rho1, utility_module=utility_module,
+                            verifier=default_verifier(store) if verify else None, utility_problem=target.problem,
+                            line_length=width)
+    if store is not None:
+        store.put("files", key, {"output": base64.b64encode(result.output).decode(),
+                                 "sites": [site.as_dict() for site in result.sites]})
+    return result
 
 
 def rewrote(result: FileResult) -> bool:

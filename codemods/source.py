@@ -7,7 +7,9 @@ import ast
 import codecs
 import io
 import os
+import re
 import tempfile
+import time
 import tokenize
 import warnings
 from pathlib import Path
@@ -15,6 +17,19 @@ from pathlib import Path
 import libcst as cst
 
 TEMP_SUFFIX = ".mtp-migrate"
+# `.NAME.XXXXXXXX.mtp-migrate`, as write_atomic names its temp files (tempfile's 8 random characters).
+_OWN_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+STALE_AFTER_S = 60  # a live temp file exists for milliseconds: older ones were left by a killed run
+
+
+def stale_temp_file(path: Path) -> bool:
+    """A temp file of ours that a killed ``apply`` left behind."""
+    if not _OWN_TEMP.fullmatch(path.name):
+        return False
+    try:
+        return time.time() - path.lstat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
 
 
 class MigrationError(Exception):

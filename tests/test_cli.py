@@ -45,7 +45,8 @@ def invoke(*args, cwd):
 
 
 def snapshot(root: Path) -> dict:
-    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file of the tree but the tool's own cache (which diff and check may fill)."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and ".mtp_migrate_cache" not in p.parts}
 
 
 def test_diff_writes_nothing_and_exits_1(repo):
@@ -124,7 +125,7 @@ def test_plain_symlink_is_skipped_not_followed(tmp_path):
 def test_json_schema(repo):
     result = invoke("diff", ".", "--json", cwd=repo)
     report = json.loads(result.output)
-    assert set(report) == {"files", "summary"}
+    assert set(report) == {"files", "summary", "notes"}
     for entry in report["files"]:
         assert set(entry) == {"path", "status", "error", "sites"}
         assert entry["status"] in {"changed", "unchanged", "skipped", "error"}
@@ -193,7 +194,7 @@ def test_apply_verifies_sites_and_skips_one_that_fails(tmp_path, monkeypatch):
     original = target.read_bytes()
     import codemods.verify
 
-    def refuse_all(original, edited, decisions, utility, utility_file):
+    def refuse_all(original, edited, decisions, utility, utility_file, cache=None):
         return {d.line: Refusal(Code.NOT_EQUIVALENT, "`loss` differs by 0.5 (on B=2 ...)") for d in decisions}
 
     monkeypatch.setattr(codemods.verify, "verify_sites", refuse_all)
@@ -220,3 +221,21 @@ def test_apply_reports_verified_sites_and_no_verify_skips_verification(tmp_path)
     assert verified["summary"]["sites_verified"] == 2
     unverified = json.loads(invoke("apply", "run_other.py", "--json", "--no-verify", cwd=tmp_path).output)
     assert [(s["action"], s["verified"]) for s in unverified["files"][0]["sites"]] == [("rewritten", False)] * 2
+
+
+def test_the_cache_serves_a_second_run_and_no_cache_bypasses_it(tmp_path, monkeypatch):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    (tmp_path / ".git").mkdir()
+    first = invoke("check", ".", "--json", "--jobs", "1", cwd=tmp_path)
+    cache = tmp_path / ".mtp_migrate_cache"
+    assert (cache / ".gitignore").read_text().endswith("*\n") and list(cache.rglob("*.json"))
+    import codemods.runner
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("a cached file was migrated again")
+
+    monkeypatch.setattr(codemods.runner, "migrate_source", unreachable)
+    second = invoke("check", ".", "--json", "--jobs", "1", cwd=tmp_path)
+    assert second.output == first.output
+    bypassed = invoke("check", ".", "--json", "--jobs", "1", "--no-cache", cwd=tmp_path)
+    assert "migrated again" in json.loads(bypassed.output)["files"][0]["error"]

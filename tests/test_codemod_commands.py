@@ -1,10 +1,12 @@
 """Before/after tests of the individual commands (LibCST CodemodTest style) and their rules."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import libcst as cst
+import pytest
 from libcst.codemod import CodemodTest
 
 from codemods.commands.add_utility_import import AddUtilityImportCommand
@@ -186,6 +188,23 @@ def test_a_utility_module_nowhere_in_the_tree_is_refused(tmp_path):
     (tmp_path / ".git").mkdir()
     target = utility_target(tmp_path, "elsewhere.losses")
     assert target.problem.code is Code.UTILITY_UNAVAILABLE
+
+
+EXPORT_FIXTURES = ROOT / "fixtures" / "export"
+
+
+@pytest.mark.parametrize("case", sorted(p.name.removesuffix(".in.py") for p in EXPORT_FIXTURES.glob("*.in.py")))
+def test_export_fixture_pairs(case):
+    """``fixtures/export/<case>.in.py`` -> ``.out.py``: a package ``__init__.py`` exporting the vendored utility."""
+    before = (EXPORT_FIXTURES / f"{case}.in.py").read_text()
+    expected = EXPORT_FIXTURES / f"{case}.out.py"
+    after = ExportUtilityCommand(_context("weighted_mtp/utils/__init__.py")).transform_module(
+        cst.parse_module(before)).code
+    if os.environ.get("MTP_UPDATE_FIXTURES"):
+        expected.write_text(after)
+    assert after == expected.read_text()
+    kept = [line for line in before.splitlines() if line.strip().startswith("#") or not line.strip()]
+    assert [line for line in after.splitlines() if line.strip().startswith("#") or not line.strip()] == kept
 
 
 def test_export_keeps_comments_and_blank_lines_of_all(tmp_path):

@@ -77,6 +77,7 @@ def _worker(rank, wrapper_name, init_file, out_dir):
         wrap = {"ddp": _ddp, "fsdp2": _fsdp2}[wrapper_name]
         for implementation in ("reference", "ours"):
             _train_step(rank, wrap, implementation, out_dir)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort under load)
     finally:
         dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import libcst as cst
+import libcst.matchers as m
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 from libcst.codemod.visitors import AddImportsVisitor, ImportItem
 
@@ -58,4 +59,18 @@ class AddUtilityImportCommand(VisitorBasedCodemodCommand):
         if self.merged or not self.names:
             return updated_node
         items = [ImportItem(self.import_module, name, self.aliases.get(name)) for name in sorted(self.names)]
-        return AddImportsVisitor(self.context, items).transform_module(updated_node)
+        module = AddImportsVisitor(self.context, items).transform_module(updated_node)
+        body = list(module.body)
+        for index in range(1, len(body)):
+            if self._is_new_import(body[index]) and m.matches(body[index - 1], _DOCSTRING) \
+                    and not body[index].leading_lines:  # a blank line after the docstring, as isort puts it
+                body[index] = body[index].with_changes(leading_lines=[cst.EmptyLine()])
+                return module.with_changes(body=body)
+        return module
+
+    def _is_new_import(self, statement: cst.BaseStatement) -> bool:
+        return m.matches(statement, m.SimpleStatementLine(body=[m.ImportFrom(module=m.MatchIfTrue(
+            lambda module: module is not None and dotted(module) == self.import_module))]))
+
+
+_DOCSTRING = m.SimpleStatementLine(body=[m.Expr(m.SimpleString() | m.ConcatenatedString())])

@@ -42,7 +42,8 @@ class ExportUtilityCommand(VisitorBasedCodemodCommand):
         if not missing:
             return updated_node
         quote = listed[0].value.value[0] if listed else '"'
-        separator = _separator(listed, updated_node.value)
+        container = updated_node.value
+        separator = _separator(listed, container)
         elements = list(listed)
         for name in missing:
             new = cst.Element(cst.SimpleString(f"{quote}{name}{quote}"), comma=separator)
@@ -53,11 +54,12 @@ class ExportUtilityCommand(VisitorBasedCodemodCommand):
                 if elements:
                     last = elements[-1]
                     new = new.with_changes(comma=_without_comment(last.comma))
+                    container, last = _detach_closing_comment(container, last, separator)
                     elements[-1] = last.with_changes(comma=_keep_comment(separator, last.comma))
                 else:
                     new = new.with_changes(comma=cst.MaybeSentinel.DEFAULT)
             elements.insert(position, new)
-        return updated_node.with_changes(value=updated_node.value.with_changes(elements=elements))
+        return updated_node.with_changes(value=container.with_changes(elements=elements))
 
     def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:
         missing = [name for name in UTILITY_NAMES if name not in self.imported]
@@ -89,6 +91,23 @@ def _separator(listed: list[cst.Element], container: cst.List | cst.Tuple) -> cs
     if isinstance(opening, cst.ParenthesizedWhitespace):
         return cst.Comma(whitespace_after=opening.with_changes(empty_lines=()))
     return cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+
+
+def _detach_closing_comment(container, last: cst.Element, separator: cst.Comma):
+    """A comment after the last element sits on the closing bracket, where an appended name would take
+    it: move it onto the element's own comma, ``(container, last)``."""
+    closing = container.rbracket if isinstance(container, cst.List) else (container.rpar[0] if container.rpar else None)
+    space = closing.whitespace_before if closing is not None else None
+    if not (isinstance(space, cst.ParenthesizedWhitespace) and space.first_line.comment is not None) or \
+            not isinstance(separator.whitespace_after, cst.ParenthesizedWhitespace):
+        return container, last
+    comma = last.comma if isinstance(last.comma, cst.Comma) else cst.Comma()
+    last = last.with_changes(comma=comma.with_changes(whitespace_after=separator.whitespace_after.with_changes(
+        first_line=space.first_line)))
+    closing = closing.with_changes(whitespace_before=space.with_changes(first_line=cst.TrailingWhitespace()))
+    if isinstance(container, cst.List):
+        return container.with_changes(rbracket=closing), last
+    return container.with_changes(rpar=[closing, *container.rpar[1:]]), last
 
 
 def _keep_comment(separator: cst.Comma, old: cst.Comma | cst.MaybeSentinel) -> cst.Comma:

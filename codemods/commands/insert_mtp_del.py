@@ -7,6 +7,7 @@ import argparse
 import libcst as cst
 from libcst.codemod import VisitorBasedCodemodCommand
 
+from codemods.config import DEFAULT_LINE_LENGTH
 from codemods.mtp_loop.plan import edit, plan
 from codemods.mtp_loop.spec import Action
 
@@ -19,9 +20,9 @@ class InsertMTPDelCommand(VisitorBasedCodemodCommand):
 
     @staticmethod
     def add_args(arg_parser: argparse.ArgumentParser) -> None:
-        arg_parser.add_argument("--line-length", type=int, default=88, dest="line_length")
+        arg_parser.add_argument("--line-length", type=int, default=DEFAULT_LINE_LENGTH, dest="line_length")
 
-    def __init__(self, context, line_length: int = 88):
+    def __init__(self, context, line_length: int = DEFAULT_LINE_LENGTH):
         super().__init__(context)
         self.line_length = line_length
 

@@ -10,6 +10,7 @@ and imports marked ``# noqa``.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import libcst as cst
 import libcst.matchers as m
@@ -28,7 +29,44 @@ _PURE_LOOKUP = (
 _SHAPE = m.Attribute(attr=m.Name("shape")) | m.Call(func=m.Attribute(attr=m.Name("size")), args=[])
 
 
-class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
+class KeepsSurroundingLines:
+    """Mixin for transforms that remove statements: the lines above a removed statement go to the next one."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.depth = 0  # indented blocks entered
+        self.pending: _Removed | None = None  # lines of removed statements, until the next statement takes them
+        self.deliveries: dict[int, list[cst.EmptyLine]] = {}  # id(statement) -> the lines it takes
+
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        if self.pending is not None and isinstance(node, cst.BaseStatement):
+            self.deliveries[id(node)] = self.pending.lines_for(node, self.depth)
+            self.pending = None
+        if isinstance(node, cst.IndentedBlock):
+            self.depth += 1
+        return super().on_visit(node)
+
+    def on_leave(self, original_node, updated_node):
+        if id(original_node) in self.deliveries:
+            lines = self.deliveries.pop(id(original_node))
+            updated_node = updated_node.with_changes(leading_lines=_join(lines, updated_node.leading_lines))
+        if isinstance(original_node, cst.IndentedBlock):
+            self.depth -= 1
+            if self.pending is not None:
+                self.pending.left_block = True
+        result = super().on_leave(original_node, updated_node)
+        removed = isinstance(result, cst.RemovalSentinel) or (
+            isinstance(result, cst.SimpleStatementLine) and not result.body)
+        if removed and isinstance(original_node, cst.SimpleStatementLine):
+            self.pending = _Removed(list(updated_node.leading_lines), self.depth)
+        return result
+
+
+class _RemoveImports(KeepsSurroundingLines, RemoveImportsVisitor):
+    pass
+
+
+class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
     DESCRIPTION = "Remove shape unpacks, dtype lookups and imports that only the rewritten MTP loop used."
 
     METADATA_DEPENDENCIES = (ScopeProvider,)
@@ -41,8 +79,6 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
         super().__init__(context)
         self.freed = set(names)
         self.exported: set[str] = set()
-        self.carry: list[cst.EmptyLine] = []
-        self.receiver: int | None = None
         self.imports: list[tuple[str, str | None, str | None]] = []  # (module, name, alias) to drop if unused
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
@@ -50,7 +86,7 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
         if not self.imports:
             return tree
         # Run here, once, rather than scheduled: later commands share this context.
-        return RemoveImportsVisitor(self.context, self.imports).transform_module(tree)
+        return _RemoveImports(self.context, self.imports).transform_module(tree)
 
     def visit_Module(self, node: cst.Module) -> None:
         for statement in node.body:
@@ -94,18 +130,6 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
             if bound in self.freed and bound not in self.exported:
                 self.imports.append((alias.evaluated_name, None, alias.evaluated_alias))
 
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        if self.carry and self.receiver is None and isinstance(node, cst.BaseStatement):
-            self.receiver = id(node)
-        return super().on_visit(node)
-
-    def on_leave(self, original_node, updated_node):
-        updated_node = super().on_leave(original_node, updated_node)
-        if id(original_node) == self.receiver and isinstance(updated_node, cst.BaseStatement):
-            updated_node = updated_node.with_changes(leading_lines=[*self.carry, *updated_node.leading_lines])
-            self.carry, self.receiver = [], None
-        return updated_node
-
     def leave_SimpleStatementLine(self, original_node, updated_node):
         if len(updated_node.body) != 1 or not isinstance(updated_node.body[0], cst.Assign):
             return updated_node
@@ -116,7 +140,7 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
         target = original.targets[0].target
         if isinstance(target, cst.Name) and (m.matches(assign.value, _PURE_LOOKUP)):
             if target.value in self.freed and self._unused(target):
-                return self._remove(updated_node)
+                return cst.RemoveFromParent()
             return updated_node
         if isinstance(target, cst.Tuple) and m.matches(assign.value, _SHAPE) and \
                 all(isinstance(e.value, cst.Name) for e in target.elements):
@@ -134,7 +158,7 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
         kept = [(i, n.value) for i, (n, u) in enumerate(zip(names, unused, strict=True)) if not u]
         shape = code(assign.value.value if isinstance(assign.value, cst.Attribute) else assign.value.func.value)
         if not kept:
-            return self._remove(statement)
+            return cst.RemoveFromParent()
         if len(kept) == 1 and kept[0][0] != starred:
             ((index, name),) = kept
             if starred is not None and index > starred:
@@ -146,7 +170,42 @@ class RemoveDeadCodeCommand(VisitorBasedCodemodCommand):
             new = cst.parse_statement(f"{', '.join(parts)} = {code(assign.value)}\n")
         return new.with_changes(leading_lines=statement.leading_lines, trailing_whitespace=statement.trailing_whitespace)
 
-    def _remove(self, statement: cst.SimpleStatementLine):
-        # A comment above a removed line moves down to the next statement.
-        self.carry = [line for line in statement.leading_lines if line.comment is not None] + self.carry
-        return cst.RemoveFromParent()
+
+
+@dataclass
+class _Removed:
+    """The lines above a removed statement: blank lines and comments about something else move on; the
+    comment directly above it goes with it, unless the next line continues its group."""
+
+    leading_lines: list[cst.EmptyLine]
+    depth: int
+    left_block: bool = False
+
+    def lines_for(self, receiver: cst.BaseStatement, depth: int) -> list[cst.EmptyLine]:
+        lines = self.leading_lines
+        attached = len(lines)
+        while attached and lines[attached - 1].comment is not None:
+            attached -= 1
+        sibling = depth == self.depth and not self.left_block
+        if not sibling:  # it ended its block: its blank lines go with it
+            return [line for line in lines[:attached] if line.comment is not None]
+        if not receiver.leading_lines:  # `# dims` above `B, S, N, V = ...` and the line after it
+            return lines
+        return lines[:attached]
+
+
+def _join(carried: list[cst.EmptyLine], own) -> list[cst.EmptyLine]:
+    """``carried + own``, where blank lines meeting at the join count once (the larger run wins)."""
+    own = list(own)
+    tail = len(carried) - len(_strip_blank_start(carried[::-1]))
+    head = len(own) - len(_strip_blank_start(own))
+    if tail and head:
+        carried = carried[:len(carried) - min(tail, head)]
+    return [*carried, *own]
+
+
+def _strip_blank_start(lines: list[cst.EmptyLine]) -> list[cst.EmptyLine]:
+    start = 0
+    while start < len(lines) and lines[start].comment is None:
+        start += 1
+    return lines[start:]

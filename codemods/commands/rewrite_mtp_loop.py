@@ -18,7 +18,7 @@ from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 
 from codemods.commands.add_utility_import import AddUtilityImportCommand
 from codemods.commands.remove_dead_code import RemoveDeadCodeCommand
-from codemods.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
+from codemods.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from codemods.mtp_loop.dataflow import FlowIndex
 from codemods.mtp_loop.emit import removed_statements
 from codemods.mtp_loop.plan import (
@@ -50,11 +50,13 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
         arg_parser.add_argument("--rho1", choices=RHO1_MODES, default=DEFAULT_RHO1,
                                 help="rho1-style loops: insert del (default), rewrite them, or skip")
         arg_parser.add_argument("--utility-module", default=DEFAULT_UTILITY_MODULE, dest="utility_module")
+        arg_parser.add_argument("--line-length", type=int, default=DEFAULT_LINE_LENGTH, dest="line_length")
 
     def __init__(self, context: CodemodContext, rho1: str = DEFAULT_RHO1,
                  utility_module: str = DEFAULT_UTILITY_MODULE, verifier: Verifier | None = None,
-                 utility_problem: Refusal | None = None):
+                 utility_problem: Refusal | None = None, line_length: int = DEFAULT_LINE_LENGTH):
         super().__init__(context)
+        self.line_length = line_length
         self.rho1 = rho1
         self.utility_module = utility_module
         self.verifier = verifier
@@ -62,7 +64,7 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         decisions = plan(tree, rho1=self.rho1, utility_module=self.utility_module,
-                         utility_problem=self.utility_problem)
+                         utility_problem=self.utility_problem, line_length=self.line_length)
         utility = utility_import(tree, self.utility_module)
         verified: set[int] = set()
         while True:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from codemods.config import OPTION_DEFAULTS, UNWEIGHTED, WEIGHTED
+from codemods.config import DEFAULT_LINE_LENGTH, OPTION_DEFAULTS, UNWEIGHTED, WEIGHTED
 from codemods.mtp_loop.site import Site
 from codemods.mtp_loop.spec import LoopSpec
 
-ONE_LINE_LIMIT = 100
-DEFAULT_LINE_LENGTH = 88
 _RESULT_NAMES = ("ce_losses", "mtp_ce_losses", "mtp_ce_loss_outputs")
 
 
@@ -35,17 +33,19 @@ def _arguments(spec: LoopSpec, function: str) -> list[tuple[str, str]]:
     return args
 
 
-def _call(spec: LoopSpec, function: str, local: str, prefix: str, suffix: str, indent: str) -> cst.BaseStatement:
+def _call(spec: LoopSpec, function: str, local: str, prefix: str, suffix: str, indent: str,
+          line_length: int) -> cst.BaseStatement:
     args = _arguments(spec, function)
     one_line = f"{prefix}{local}({', '.join(f'{k}={v}' for k, v in args)}){suffix}"
-    if len(indent) + len(one_line) <= ONE_LINE_LIMIT:
+    if len(indent) + len(one_line) <= line_length:
         return cst.parse_statement(one_line + "\n")
     # Continuation lines are relative: libcst prefixes them with the block's indentation.
     lines = "".join(f"    {k}={v},\n" for k, v in args)
     return cst.parse_statement(f"{prefix}{local}(\n{lines}){suffix}\n")
 
 
-def replacement(site: Site, utility_names: dict[str, str], taken: set[str]) -> list[cst.BaseStatement]:
+def replacement(site: Site, utility_names: dict[str, str], taken: set[str],
+                line_length: int = DEFAULT_LINE_LENGTH) -> list[cst.BaseStatement]:
     """The statements that replace ``block[site.start:site.stop]``: kept statements, the call, its outputs."""
     spec = site.spec
     function = function_name(spec)
@@ -54,13 +54,13 @@ def replacement(site: Site, utility_names: dict[str, str], taken: set[str]) -> l
                (spec.head0_output, '["per_head_ce_loss"][0]' + (".item()" if spec.head0_item else ""))]
     outputs = [(target, access) for target, access in outputs if target is not None]
     if function == UNWEIGHTED:
-        statements = [_call(spec, function, local, f"{spec.unweighted_output} = ", "", site.indent)]
+        statements = [_call(spec, function, local, f"{spec.unweighted_output} = ", "", site.indent, line_length)]
     elif len(outputs) == 1:
         target, access = outputs[0]
-        statements = [_call(spec, function, local, f"{target} = ", access, site.indent)]
+        statements = [_call(spec, function, local, f"{target} = ", access, site.indent, line_length)]
     else:
         result = next(n for n in _RESULT_NAMES if n not in taken)
-        statements = [_call(spec, function, local, f"{result} = ", "", site.indent)]
+        statements = [_call(spec, function, local, f"{result} = ", "", site.indent, line_length)]
         statements += [cst.parse_statement(f"{target} = {result}{access}\n") for target, access in outputs]
     inline = {}
     for average in site.averages:

@@ -5,6 +5,9 @@ Which tensor is the logits, the mask or the weights is decided by data flow only
 reaches ``cross_entropy``, what is multiplied with it), never by names. Elementwise casts
 and comparisons ride along on the factor they apply to, so the call can receive the
 tensor exactly as the loop saw it.
+
+One class over 400 lines, by choice: it is a single recursive evaluator over every
+expression form a loop may contain, and splitting it would scatter that recursion.
 """
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, replace
 import libcst as cst
 import libcst.matchers as m
 
-from codemods.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
+from codemods.config import DEFAULT_LINE_LENGTH, DEFAULT_UTILITY_MODULE, UTILITY_NAMES
 from codemods.cst_utils import code
-from codemods.mtp_loop.emit import DEFAULT_LINE_LENGTH, del_statement, function_name, replacement
+from codemods.mtp_loop.emit import del_statement, function_name, replacement
 from codemods.mtp_loop.find import Analysis, find_sites
 from codemods.mtp_loop.names import binds, bound_name, target_names
 from codemods.mtp_loop.site import Site
@@ -130,7 +130,7 @@ def plan(module: cst.Module, *, rho1: str = "del", utility_module: str = DEFAULT
             action, refusal = Action.SKIPPED, utility_problem
         statements: tuple = ()
         if action is Action.REWRITTEN:
-            statements = tuple(replacement(site, names.names, taken))
+            statements = tuple(replacement(site, names.names, taken, line_length))
         elif action is Action.DEL_INSERTED:
             loop = site.loop
             body = loop.body

@@ -8,7 +8,7 @@ from enum import Enum
 import libcst as cst
 
 from codemods.config import HeadAverage, Normalize, WeightAlignment
-from codemods.refusals import Refusal
+from codemods.refusals import Code, Refusal
 
 
 class Action(str, Enum):
@@ -72,3 +72,9 @@ class SiteReport:
         return {"line": self.line, "action": self.action.value,
                 "code": self.refusal.code.code if self.refusal else None,
                 "reason": str(self.refusal) if self.refusal else None, "verified": self.verified}
+
+    @staticmethod
+    def from_dict(data: dict) -> SiteReport:
+        code = next((c for c in Code if c.code == data["code"]), None)
+        refusal = Refusal(code, data["reason"].split(": ", 1)[-1]) if code is not None else None
+        return SiteReport(data["line"], Action(data["action"]), refusal, data["verified"])

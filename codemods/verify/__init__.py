@@ -7,11 +7,14 @@ first time a site is verified in a process).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from dataclasses import asdict
 
 import libcst as cst
 import libcst.matchers as m
 
+from codemods.cache import Cache, digest, file_digest
 from codemods.mtp_loop.dataflow import FlowIndex, Point, locate
 from codemods.mtp_loop.plan import Decision, UtilityImport, marked_regions
 from codemods.mtp_loop.spec import Action
@@ -62,16 +65,29 @@ def programs(original: cst.Module, written: cst.Module, decisions: list[Decision
 
 
 def verify_sites(original: cst.Module, written: cst.Module, decisions: list[Decision], utility: UtilityImport,
-                 utility_file: str) -> dict[int, Refusal | None]:
+                 utility_file: str, cache: Cache | None = None) -> dict[int, Refusal | None]:
     """``{line: None}`` for a site verified equivalent, ``{line: refusal}`` otherwise."""
-    from codemods.verify.worker import verify  # torch: only when a site needs it
-
     built, results = programs(original, written, decisions, utility_file, utility.module)
     results = dict(results)
     for program in built:
-        verdict = verify(program)
-        results[program.line] = None if verdict.ok else Refusal(_code(verdict.code), verdict.reason.split(": ", 1)[-1])
+        key = _key(program) if cache is not None else None
+        verdict = cache.get("sites", key) if cache is not None else None
+        if verdict is None:
+            from codemods.verify.worker import verify  # torch: only when a site is not cached
+
+            verdict = asdict(verify(program))
+            if cache is not None:
+                cache.put("sites", key, verdict)
+        results[program.line] = None if verdict["ok"] else Refusal(
+            _code(verdict["code"]), verdict["reason"].split(": ", 1)[-1])
     return results
+
+
+def _key(program: SiteProgram) -> str:
+    fields = asdict(program)
+    fields.pop("line")  # moving a site does not change its verdict
+    fields["utility"] = {module: file_digest(path, os.stat(path).st_mtime) for module, path in program.utility.items()}
+    return digest("site", fields)
 
 
 def _code(code: str) -> Code:
