@@ -23,7 +23,6 @@ from pathlib import Path
 
 DIRECTORY = ".mtp_migrate_cache"
 VERSION = "v1"
-_ROOT_MARKERS = (".git", "pyproject.toml", "setup.py", "setup.cfg")
 _PACKAGES = (Path(__file__).parent, Path(__file__).parents[1] / "weighted_mtp")
 
 
@@ -50,19 +49,6 @@ def file_digest(path: str, mtime: float) -> str:
 def digest(*parts) -> str:
     payload = json.dumps([environment(), *parts], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def cache_root(start: Path) -> Path:
-    """The repository root above ``start`` (the folder holding ``.git`` or ``pyproject.toml``), else ``start``."""
-    return _root_of(start.resolve())  # resolved first: a relative path means another folder after a chdir
-
-
-@lru_cache(maxsize=256)
-def _root_of(start: Path) -> Path:
-    for folder in (start, *start.parents):
-        if any((folder / marker).exists() for marker in _ROOT_MARKERS):
-            return folder
-    return start
 
 
 class Cache:

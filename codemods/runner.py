@@ -10,8 +10,8 @@ from pathlib import Path
 
 from libcst.codemod import CodemodContext
 
-from codemods import target_style
-from codemods.cache import Cache, cache_root, digest
+from codemods import project
+from codemods.cache import Cache, digest
 from codemods.commands.rewrite_mtp_loop import RewriteMTPLoopCommand, Verifier
 from codemods.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE
 from codemods.mtp_loop.spec import Action, SiteReport
@@ -65,8 +65,8 @@ def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = 
     if not any(marker in data for marker in PREFILTER):
         return FileResult(data, data)
     target = utility_target(path.resolve().parent, utility_module)
-    width = target_style.line_length(path.parent)
-    store = Cache(cache_root(path.parent)) if cache else None
+    width = project.line_length(path.parent)
+    store = Cache(project.project_root(path.parent)) if cache else None
     key = digest("file", hashlib.sha256(data).hexdigest(), rho1, utility_module, verify, width,
                  str(target.problem) if target.problem else None)
     if store is not None and (hit := store.get("files", key)) is not None:

@@ -28,12 +28,12 @@ from libcst.codemod import CodemodContext
 from codemods.commands.export_utility import ExportUtilityCommand
 from codemods.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
 from codemods.cst_utils import code
+from codemods.project import folders_up_to_root
 from codemods.refusals import Code, Refusal
 
 # Located beside this package, not imported: importing it would import torch (which the CLI
 # does not need), and `import weighted_mtp` could find the target repository's own package.
 SHIPPED_UTILITY = Path(__file__).resolve().parents[1] / "weighted_mtp" / "utils" / "loss_utils.py"
-_ROOT_MARKERS = (".git", "pyproject.toml", "setup.py", "setup.cfg")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def _candidates(directory: Path, parts: list[str]):
 def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> UtilityTarget:
     """Resolve ``module`` for files in ``directory`` (looking up to the repository root)."""
     parts = module.split(".")
-    for folder in (directory, *directory.parents):
+    for folder in folders_up_to_root(directory):
         for found, _ in _candidates(folder, parts):
             if found.is_dir():
                 return _into_package(module, found)
@@ -78,8 +78,6 @@ def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> Uti
             if len(parts) > 1 and (parent / "__init__.py").is_file() and module != DEFAULT_UTILITY_MODULE:
                 path = parent / f"{parts[-1]}.py"
                 return UtilityTarget(module, {path: (b"", _shipped())})
-        if any((folder / marker).exists() for marker in _ROOT_MARKERS):
-            break
     if module == DEFAULT_UTILITY_MODULE:
         return UtilityTarget(module)  # the weighted_mtp installed with mtp-migrate
     return UtilityTarget(module, problem=Refusal(

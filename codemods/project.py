@@ -1,8 +1,10 @@
-"""The target project's own line length, read as its formatter and linter read it.
+"""The target project around a file: the folders up to its root, and its own line length.
 
+The root is the nearest folder holding ``.git``, ``pyproject.toml``, ``setup.py`` or
+``setup.cfg``. The line length is read as the project's formatter and linter read it:
 ``[tool.ruff] line-length`` or ``[tool.black] line-length`` in ``pyproject.toml``, else
-flake8's ``max-line-length`` in ``setup.cfg`` or ``tox.ini``; the nearest folder above the
-file that sets one wins, and the search stops at the repository root. The default is 88.
+flake8's ``max-line-length`` in ``setup.cfg`` or ``tox.ini``; the nearest folder that sets
+one wins. The default is 88.
 """
 
 from __future__ import annotations
@@ -15,6 +17,25 @@ import tomllib
 
 from codemods.config import DEFAULT_LINE_LENGTH
 
+ROOT_MARKERS = (".git", "pyproject.toml", "setup.py", "setup.cfg")
+
+
+@lru_cache(maxsize=1024)
+def folders_up_to_root(start: Path) -> tuple[Path, ...]:
+    """``start`` (resolved) and its parents, up to and including the project root (or the file system's)."""
+    folders = []
+    for folder in (start, *start.parents):
+        folders.append(folder)
+        if any((folder / marker).exists() for marker in ROOT_MARKERS):
+            break
+    return tuple(folders)
+
+
+def project_root(start: Path) -> Path:
+    """The root of the project holding ``start`` (``start`` itself when there is none)."""
+    folders = folders_up_to_root(start.resolve())
+    return folders[-1] if any((folders[-1] / marker).exists() for marker in ROOT_MARKERS) else folders[0]
+
 
 def line_length(folder: Path) -> int:
     """The line length the project holding ``folder`` allows."""
@@ -23,13 +44,11 @@ def line_length(folder: Path) -> int:
 
 @lru_cache(maxsize=256)
 def _line_length(folder: Path) -> int:
-    for here in (folder, *folder.parents):
+    for here in folders_up_to_root(folder):
         found = _from_pyproject(here / "pyproject.toml") or _from_flake8(here / "setup.cfg") \
             or _from_flake8(here / "tox.ini")
         if found:
             return found
-        if (here / ".git").exists():
-            break
     return DEFAULT_LINE_LENGTH
 
 

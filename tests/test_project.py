@@ -1,11 +1,13 @@
-"""The target's line length, read from its own formatter and linter settings."""
+"""The target project: its root, and its line length read from its own formatter and linter settings."""
+
+from pathlib import Path
 
 import pytest
 
+from codemods.project import line_length, project_root
 from codemods.runner import migrate_file
-from codemods.target_style import line_length
 
-FIXTURES = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "codemod"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "codemod"
 
 
 @pytest.mark.parametrize(("name", "text", "expected"), [
@@ -39,3 +41,9 @@ def test_the_del_wraps_at_the_target_line_length(tmp_path):
     wide = migrate_file(target, verify=False, cache=False).output.decode()
     assert "        del head_logits_for_offset, head_labels_for_offset," in wide
     assert "del (" in (FIXTURES / "rho1_long_del_wraps.out.py").read_text()
+
+
+def test_the_project_root_is_the_nearest_folder_with_a_marker(tmp_path):
+    (tmp_path / "repo" / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "repo" / "pyproject.toml").write_text("")
+    assert project_root(tmp_path / "repo" / "src" / "pkg") == (tmp_path / "repo").resolve()
