@@ -101,7 +101,15 @@ def _vendoring_reports(reports: list[FileReport], utility_module: str) -> list[F
     for report in reports:
         if report.rewrote:
             writes.update(utility_target(Path(report.path).resolve().parent, utility_module).writes)
-    return [FileReport(path.as_posix(), "changed", None, [], old, new, False) for path, (old, new) in sorted(writes.items())]
+    return [FileReport(_relative(path), "changed", None, [], old, new, False) for path, (old, new) in sorted(writes.items())]
+
+
+def _relative(path: Path) -> str:
+    """``path`` as the user's own paths are shown: relative to the working directory when under it."""
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 _STYLES = (("---", "\x1b[1m"), ("+++", "\x1b[1m"), ("@@", "\x1b[36m"), ("+", "\x1b[32m"), ("-", "\x1b[31m"))

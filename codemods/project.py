@@ -31,10 +31,10 @@ def folders_up_to_root(start: Path) -> tuple[Path, ...]:
     return tuple(folders)
 
 
-def project_root(start: Path) -> Path:
-    """The root of the project holding ``start`` (``start`` itself when there is none)."""
+def project_root(start: Path) -> Path | None:
+    """The root of the project holding ``start``, if it is in one."""
     folders = folders_up_to_root(start.resolve())
-    return folders[-1] if any((folders[-1] / marker).exists() for marker in ROOT_MARKERS) else folders[0]
+    return folders[-1] if any((folders[-1] / marker).exists() for marker in ROOT_MARKERS) else None
 
 
 def line_length(folder: Path) -> int:

@@ -66,8 +66,9 @@ def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = 
         return FileResult(data, data)
     target = utility_target(path.resolve().parent, utility_module)
     width = project.line_length(path.parent)
-    store = Cache(project.project_root(path.parent)) if cache else None
-    key = digest("file", hashlib.sha256(data).hexdigest(), rho1, utility_module, verify, width,
+    # Outside any project, the cache goes where the command runs (not into every folder).
+    store = Cache(project.project_root(path.parent) or Path.cwd()) if cache else None
+    key = digest("file", path.name, hashlib.sha256(data).hexdigest(), rho1, utility_module, verify, width,
                  str(target.problem) if target.problem else None)
     if store is not None and (hit := store.get("files", key)) is not None:
         return FileResult(data, base64.b64decode(hit["output"]), [SiteReport.from_dict(s) for s in hit["sites"]])

@@ -13,6 +13,7 @@ import libcst.matchers as m
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 
 from codemods.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
+from codemods.cst_utils import dotted
 
 
 class ExportUtilityCommand(VisitorBasedCodemodCommand):
@@ -68,13 +69,28 @@ class ExportUtilityCommand(VisitorBasedCodemodCommand):
         source = ".loss_utils" if self.relative else f"{self.utility_module}.loss_utils"
         statement = cst.parse_statement(f"from {source} import {', '.join(missing)}\n")
         body = list(updated_node.body)
-        # After the docstring, __future__ and the other imports.
+        # After the docstring, __future__ and the other imports; among `from` imports kept sorted, in order.
         position = 0
         for index, item in enumerate(body):
             if m.matches(item, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom() | m.Expr(m.SimpleString())])):
                 position = index + 1
+        siblings = [(index, _from_module(item)) for index, item in enumerate(body[:position])
+                    if _from_module(item) is not None and _from_module(item).startswith(".") == self.relative]
+        modules = [module for _, module in siblings]
+        if len(modules) > 1 and modules == sorted(modules):
+            later = [index for index, module in siblings if module > _from_module(statement)]
+            position = later[0] if later else siblings[-1][0] + 1
         body.insert(position, statement)
         return updated_node.with_changes(body=body)
+
+
+def _from_module(statement: cst.CSTNode) -> str | None:
+    """``.s3`` for ``from .s3 import x`` (a ``__future__`` import is not sorted with the rest)."""
+    if not m.matches(statement, m.SimpleStatementLine(body=[m.ImportFrom()])):
+        return None
+    node = statement.body[0]
+    module = "." * len(node.relative) + (dotted(node.module) if node.module is not None else "")
+    return None if module == "__future__" else module
 
 
 def _separator(listed: list[cst.Element], container: cst.List | cst.Tuple) -> cst.Comma:

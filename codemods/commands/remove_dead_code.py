@@ -37,19 +37,30 @@ class KeepsSurroundingLines:
         self.depth = 0  # indented blocks entered
         self.pending: _Removed | None = None  # lines of removed statements, until the next statement takes them
         self.deliveries: dict[int, list[cst.EmptyLine]] = {}  # id(statement) -> the lines it takes
+        self.block_start = False  # the next statement visited opens an indented block
+        self.firsts: set[int] = set()  # id(statement) of the statements that open their block (or now do)
 
     def on_visit(self, node: cst.CSTNode) -> bool:
-        if self.pending is not None and isinstance(node, cst.BaseStatement):
-            self.deliveries[id(node)] = self.pending.lines_for(node, self.depth)
-            self.pending = None
+        if isinstance(node, cst.BaseStatement):
+            if self.block_start:
+                self.firsts.add(id(node))
+            self.block_start = False
+            if self.pending is not None:
+                self.deliveries[id(node)] = self.pending.lines_for(node, self.depth)
+                if self.pending.first and self.pending.sibling(self.depth):
+                    self.firsts.add(id(node))
+                self.pending = None
         if isinstance(node, cst.IndentedBlock):
             self.depth += 1
+            self.block_start = True
         return super().on_visit(node)
 
     def on_leave(self, original_node, updated_node):
         if id(original_node) in self.deliveries:
-            lines = self.deliveries.pop(id(original_node))
-            updated_node = updated_node.with_changes(leading_lines=_join(lines, updated_node.leading_lines))
+            lines = _join(self.deliveries.pop(id(original_node)), updated_node.leading_lines)
+            if id(original_node) in self.firsts:  # what now opens the block has no blank line above it
+                lines = _strip_blank_start(lines)
+            updated_node = updated_node.with_changes(leading_lines=lines)
         if isinstance(original_node, cst.IndentedBlock):
             self.depth -= 1
             if self.pending is not None:
@@ -58,7 +69,7 @@ class KeepsSurroundingLines:
         removed = isinstance(result, cst.RemovalSentinel) or (
             isinstance(result, cst.SimpleStatementLine) and not result.body)
         if removed and isinstance(original_node, cst.SimpleStatementLine):
-            self.pending = _Removed(list(updated_node.leading_lines), self.depth)
+            self.pending = _Removed(list(updated_node.leading_lines), self.depth, id(original_node) in self.firsts)
         return result
 
 
@@ -179,15 +190,18 @@ class _Removed:
 
     leading_lines: list[cst.EmptyLine]
     depth: int
+    first: bool  # it opened its block
     left_block: bool = False
+
+    def sibling(self, depth: int) -> bool:
+        return depth == self.depth and not self.left_block
 
     def lines_for(self, receiver: cst.BaseStatement, depth: int) -> list[cst.EmptyLine]:
         lines = self.leading_lines
         attached = len(lines)
         while attached and lines[attached - 1].comment is not None:
             attached -= 1
-        sibling = depth == self.depth and not self.left_block
-        if not sibling:  # it ended its block: its blank lines go with it
+        if not self.sibling(depth):  # it ended its block: its blank lines go with it
             return [line for line in lines[:attached] if line.comment is not None]
         if not receiver.leading_lines:  # `# dims` above `B, S, N, V = ...` and the line after it
             return lines

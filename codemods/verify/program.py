@@ -139,7 +139,8 @@ class _Side:
         return ordered + self.region
 
     def imports(self, names: set[str]) -> list[cst.SimpleStatementLine]:
-        """The module's import lines that bind any of ``names`` (``__future__`` and relative ones left out)."""
+        """The module's import lines that bind any of ``names``, narrowed to those names
+        (``__future__`` and relative ones left out)."""
         chosen = []
         for statement in self.module_imports:
             small = statement.body[0]
@@ -147,8 +148,19 @@ class _Side:
                     small.module is not None and code(small.module) == "__future__")):
                 continue
             if binds(statement) & names:
-                chosen.append(statement)
+                chosen.append(_narrowed(statement, names))
         return chosen
+
+
+def _narrowed(statement: cst.SimpleStatementLine, names: set[str]) -> cst.SimpleStatementLine:
+    """``from m import a, b, c`` -> ``from m import b`` when only ``b`` is read: the names the program does not
+    read are not its business (the utility module stands in for the target's, and has only the utility)."""
+    small = statement.body[0]
+    if not isinstance(small, cst.ImportFrom) or isinstance(small.names, cst.ImportStar):
+        return statement
+    kept = [alias.with_changes(comma=cst.MaybeSentinel.DEFAULT) for alias in small.names
+            if (alias.evaluated_alias or alias.evaluated_name) in names]
+    return statement.with_changes(body=[small.with_changes(names=kept, lpar=None, rpar=None)])
 
 
 def _module_context(module: cst.Module) -> tuple[list[cst.SimpleStatementLine], set[str]]:
