@@ -10,45 +10,36 @@ file is processed whatever happens to the others.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
 import sys
-from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from codemods.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from codemods.discovery import discover, shown
 from codemods.refusals import Code
+from codemods.report import (
+    FileReport,
+    consoles,
+    github_annotations,
+    print_summary,
+    summary_of,
+    unified_diff,
+    write_diff,
+)
 from codemods.runner import migrate_file, rewrote
 from codemods.source import MigrationError, write_atomic
 from codemods.vendoring import utility_target
 
 DOCS = Path(__file__).parents[1] / "docs"
 OUTPUT_FORMATS = ("text", "json", "github")
-
-
-@dataclass
-class FileReport:
-    path: str
-    status: str  # changed | unchanged | skipped | error
-    error: str | None = None
-    sites: list[dict] = field(default_factory=list)
-    source: bytes = b""
-    output: bytes = b""
-    rewrote: bool = False
-
-    def as_dict(self) -> dict:
-        return {"path": self.path, "status": self.status, "error": self.error, "sites": self.sites}
 
 
 def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool) -> FileReport:
@@ -112,72 +103,6 @@ def _relative(path: Path) -> str:
         return path.as_posix()
 
 
-_STYLES = (("---", "\x1b[1m"), ("+++", "\x1b[1m"), ("@@", "\x1b[36m"), ("+", "\x1b[32m"), ("-", "\x1b[31m"))
-
-
-def unified_diff(report: FileReport) -> bytes:
-    """The patch from ``source`` to ``output``, byte for byte (CRLF, BOM and missing final newlines kept)."""
-    old = report.source.decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    new = report.output.decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    name = report.path
-    lines = []
-    for line in difflib.unified_diff(old, new, f"a/{name}", f"b/{name}", n=3):
-        if line.startswith(("---", "+++")):
-            lines.append(line.rstrip("\n") + "\n")
-        elif line.endswith(("\n", "\r")):
-            lines.append(line)
-        else:
-            lines.append(line + "\n\\ No newline at end of file\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
-
-
-def _write_diff(patch: bytes, color: bool) -> None:
-    if color:
-        colored = []
-        for line in patch.splitlines(keepends=True):
-            style = next((s for prefix, s in _STYLES if line.startswith(prefix.encode())), None)
-            body = line.rstrip(b"\r\n")
-            colored.append(style.encode() + body + b"\x1b[0m" + line[len(body):] if style else line)
-        patch = b"".join(colored)
-    sys.stdout.buffer.write(patch)
-    sys.stdout.flush()
-
-
-def _summary(reports: list[FileReport]) -> dict:
-    statuses = Counter(r.status for r in reports)
-    actions = Counter(s["action"] for r in reports for s in r.sites)
-    return {"files": len(reports), "changed": statuses["changed"], "unchanged": statuses["unchanged"],
-            "skipped": statuses["skipped"], "errors": statuses["error"],
-            "sites_rewritten": actions["rewritten"], "dels_inserted": actions["del_inserted"],
-            "sites_skipped": actions["skipped"], "sites_verified": sum(s["verified"] for r in reports for s in r.sites)}
-
-
-def _print_summary(console: Console, reports: list[FileReport], summary: dict, verb: str, quiet: bool) -> None:
-    if not quiet:
-        table = Table(title=f"mtp-migrate {verb}", show_header=False, title_justify="left")
-        pending = verb in ("diff", "check")
-        rows = [("files scanned", "files"), ("files to change" if pending else "files changed", "changed"),
-                ("sites rewritten", "sites_rewritten"), ("sites verified", "sites_verified"),
-                ("dels inserted", "dels_inserted"), ("sites skipped", "sites_skipped"), ("errors", "errors")]
-        for label, key in rows:
-            table.add_row(label, str(summary[key]), style="red" if key == "errors" and summary[key] else None)
-        console.print(table)
-        for report in reports:
-            for site in report.sites:
-                if site["action"] == "skipped":
-                    console.print(f"skipped {report.path}:{site['line']}: {site['reason']}", markup=False,
-                                  highlight=False, style="yellow", soft_wrap=True)
-    for report in reports:
-        if report.status == "error":
-            console.print(f"error: {report.path}: {report.error}", markup=False, highlight=False, style="red",
-                          soft_wrap=True)
-
-
-def _consoles(color: str) -> tuple[Console, Console]:
-    settings = {"always": {"force_terminal": True}, "never": {"color_system": None}, "auto": {}}[color]
-    return Console(highlight=False, **settings), Console(stderr=True, highlight=False, **settings)
-
-
 def _apply_all(decorators: list):
     def decorate(function):
         for decorator in reversed(decorators):
@@ -216,25 +141,6 @@ def _output_options() -> list:
     ]
 
 
-def _github_annotations(reports: list[FileReport], verb: str) -> None:
-    """``::warning file=…,line=…::`` for every pending and refused site, ``::error`` for every file error."""
-    def escape(text: str) -> str:
-        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-    for report in reports:
-        where = escape(report.path).replace(",", "%2C").replace(":", "%3A")
-        if report.status == "error":
-            click.echo(f"::error file={where},title=mtp-migrate::{escape(report.error or '')}")
-        for site in report.sites:
-            if site["action"] == "skipped":
-                message = f"left as it is: {site['reason']} (mtp-migrate explain {site['code']})"
-            elif verb in ("diff", "check"):
-                message = f"{site['action'].replace('_', ' ')} pending: run `mtp-migrate apply`"
-            else:
-                continue
-            click.echo(f"::warning file={where},line={site['line']},title=mtp-migrate::{escape(message)}")
-
-
 def _module_name(context, parameter, value: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", value):
         raise click.BadParameter(f"{value!r} is not a dotted module name")
@@ -243,7 +149,7 @@ def _module_name(context, parameter, value: str) -> str:
 
 def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, utility_module, output_format,
          as_json, color, quiet) -> int:
-    out, err = _consoles(color)
+    out, err = consoles(color)
     output_format = "json" if as_json else output_format
     as_json = output_format == "json"
     paths = tuple(paths) or (Path("."),)
@@ -257,7 +163,7 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
     changed = [r for r in reports if r.status == "changed"]
     if verb == "diff" and output_format == "text":
         for report in changed:
-            _write_diff(unified_diff(report), out.is_terminal if color == "auto" else color == "always")
+            write_diff(unified_diff(report), out.is_terminal if color == "auto" else color == "always")
     if verb == "apply":
         for report in changed:
             try:
@@ -267,13 +173,13 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
             except OSError as error:
                 report.status, report.error = "error", f"cannot write: {error.strerror or error}"
     notes = _clean_up(stale, remove=verb == "apply")
-    summary = _summary(reports)
+    summary = summary_of(reports)
     if as_json:
         click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary, "notes": notes}, indent=2))
     elif output_format == "github":
-        _github_annotations(reports, verb)
+        github_annotations(reports, verb)
     else:
-        _print_summary(err if verb == "diff" else out, reports, summary, verb, quiet)
+        print_summary(err if verb == "diff" else out, reports, summary, verb, quiet)
         for note in notes:
             err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if summary["errors"]:
@@ -336,7 +242,7 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
     """Check that every site changed since git REV computes what it computed there."""
     from codemods.since import changed_files
 
-    out, err = _consoles(color)
+    out, err = consoles(color)
     output_format = "json" if as_json else output_format
     paths = tuple(paths) or (Path("."),)
     try:
@@ -360,12 +266,12 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
     else:
         reports.update((report.path, report) for report in map(work, todo))
     reports = [reports[key] for key in sorted(reports)]
-    summary = _summary(reports)
+    summary = summary_of(reports)
     not_equivalent = [s for r in reports for s in r.sites if s["action"] != "skipped" and not s["verified"]]
     if output_format == "json":
         click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary}, indent=2))
     elif output_format == "github":
-        _github_annotations(reports, "verify")
+        github_annotations(reports, "verify")
     else:
         for report in reports:
             for site in report.sites:
@@ -373,7 +279,7 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
                 if quiet and site["verified"]:
                     continue
                 out.print(f"{report.path}:{site['line']}: {verdict}", markup=False, highlight=False, soft_wrap=True)
-        _print_summary(out, reports, summary, "verify", quiet)
+        print_summary(out, reports, summary, "verify", quiet)
     sys.exit(2 if summary["errors"] else 1 if not_equivalent else 0)
 
 

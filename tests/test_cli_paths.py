@@ -4,6 +4,7 @@ line each, exit 2, and the rest of the batch goes on; nothing of the user's lost
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -151,3 +152,22 @@ def test_github_output_annotates_pending_and_refused_sites(tmp_path):
     alias = json.loads(invoke("check", "--no-verify", "--json", ".", cwd=tmp_path).output)
     spelled = json.loads(invoke("check", "--no-verify", "--output-format", "json", ".", cwd=tmp_path).output)
     assert alias == spelled
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_verify_base_reports_an_undecodable_file_name_as_an_error(tmp_path):
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
+    try:
+        odd = tmp_path / os.fsdecode(b"run_\xfe.py")
+        shutil.copy(BEFORE / "run_baseline.py", odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system does not take undecodable names")
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "before"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True, capture_output=True, env={**os.environ, **env})
+    assert invoke("apply", "--no-verify", "run_baseline.py", cwd=tmp_path).exit_code == 0
+    odd.write_text(odd.read_text() + "\n# edited\n")
+    result = invoke("verify", "--base", "HEAD", "--jobs", "1", ".", cwd=tmp_path)
+    assert result.exit_code == 2, result.output
+    assert "error: run_\\xfe.py: file name is not valid UTF-8" in result.output
+    assert "run_baseline.py:" in result.output and "NOT equivalent" not in result.output

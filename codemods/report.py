@@ -1,0 +1,111 @@
+"""What the commands print: the patch, the summary, JSON and GitHub annotations."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class FileReport:
+    path: str
+    status: str  # changed | unchanged | skipped | error
+    error: str | None = None
+    sites: list[dict] = field(default_factory=list)
+    source: bytes = b""
+    output: bytes = b""
+    rewrote: bool = False
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "status": self.status, "error": self.error, "sites": self.sites}
+
+
+_STYLES = (("---", "\x1b[1m"), ("+++", "\x1b[1m"), ("@@", "\x1b[36m"), ("+", "\x1b[32m"), ("-", "\x1b[31m"))
+
+
+def unified_diff(report: FileReport) -> bytes:
+    """The patch from ``source`` to ``output``, byte for byte (CRLF, BOM and missing final newlines kept)."""
+    old = report.source.decode("utf-8", "surrogateescape").splitlines(keepends=True)
+    new = report.output.decode("utf-8", "surrogateescape").splitlines(keepends=True)
+    name = report.path
+    lines = []
+    for line in difflib.unified_diff(old, new, f"a/{name}", f"b/{name}", n=3):
+        if line.startswith(("---", "+++")):
+            lines.append(line.rstrip("\n") + "\n")
+        elif line.endswith(("\n", "\r")):
+            lines.append(line)
+        else:
+            lines.append(line + "\n\\ No newline at end of file\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def write_diff(patch: bytes, color: bool) -> None:
+    if color:
+        colored = []
+        for line in patch.splitlines(keepends=True):
+            style = next((s for prefix, s in _STYLES if line.startswith(prefix.encode())), None)
+            body = line.rstrip(b"\r\n")
+            colored.append(style.encode() + body + b"\x1b[0m" + line[len(body):] if style else line)
+        patch = b"".join(colored)
+    sys.stdout.buffer.write(patch)
+    sys.stdout.flush()
+
+
+def summary_of(reports: list[FileReport]) -> dict:
+    statuses = Counter(r.status for r in reports)
+    actions = Counter(s["action"] for r in reports for s in r.sites)
+    return {"files": len(reports), "changed": statuses["changed"], "unchanged": statuses["unchanged"],
+            "skipped": statuses["skipped"], "errors": statuses["error"],
+            "sites_rewritten": actions["rewritten"], "dels_inserted": actions["del_inserted"],
+            "sites_skipped": actions["skipped"], "sites_verified": sum(s["verified"] for r in reports for s in r.sites)}
+
+
+def print_summary(console: Console, reports: list[FileReport], summary: dict, verb: str, quiet: bool) -> None:
+    if not quiet:
+        table = Table(title=f"mtp-migrate {verb}", show_header=False, title_justify="left")
+        pending = verb in ("diff", "check")
+        rows = [("files scanned", "files"), ("files to change" if pending else "files changed", "changed"),
+                ("sites rewritten", "sites_rewritten"), ("sites verified", "sites_verified"),
+                ("dels inserted", "dels_inserted"), ("sites skipped", "sites_skipped"), ("errors", "errors")]
+        for label, key in rows:
+            table.add_row(label, str(summary[key]), style="red" if key == "errors" and summary[key] else None)
+        console.print(table)
+        for report in reports:
+            for site in report.sites:
+                if site["action"] == "skipped":
+                    console.print(f"skipped {report.path}:{site['line']}: {site['reason']}", markup=False,
+                                  highlight=False, style="yellow", soft_wrap=True)
+    for report in reports:
+        if report.status == "error":
+            console.print(f"error: {report.path}: {report.error}", markup=False, highlight=False, style="red",
+                          soft_wrap=True)
+
+
+def consoles(color: str) -> tuple[Console, Console]:
+    settings = {"always": {"force_terminal": True}, "never": {"color_system": None}, "auto": {}}[color]
+    return Console(highlight=False, **settings), Console(stderr=True, highlight=False, **settings)
+
+
+def github_annotations(reports: list[FileReport], verb: str) -> None:
+    """``::warning file=…,line=…::`` for every pending and refused site, ``::error`` for every file error."""
+    def escape(text: str) -> str:
+        return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+    for report in reports:
+        where = escape(report.path).replace(",", "%2C").replace(":", "%3A")
+        if report.status == "error":
+            click.echo(f"::error file={where},title=mtp-migrate::{escape(report.error or '')}")
+        for site in report.sites:
+            if site["action"] == "skipped":
+                message = f"left as it is: {site['reason']} (mtp-migrate explain {site['code']})"
+            elif verb in ("diff", "check"):
+                message = f"{site['action'].replace('_', ' ')} pending: run `mtp-migrate apply`"
+            else:
+                continue
+            click.echo(f"::warning file={where},line={site['line']},title=mtp-migrate::{escape(message)}")
