@@ -4,16 +4,22 @@
 prints exactly the patch ``apply`` would write, and ``check`` exits 0 after ``apply``.
 
 Exit codes: 0 nothing to change / written / equivalent; 1 changes pending / not
-equivalent; 2 any file could not be read, parsed or written, or a usage error. Every
-file is processed whatever happens to the others.
+equivalent; 2 any file could not be read, parsed or written, or a usage error; 3 a bug
+of ours (an internal error); 130 interrupted. Every file is processed whatever happens
+to the others.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -49,7 +55,7 @@ def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool
     except MigrationError as error:
         return FileReport(path, "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either
-        return FileReport(path, "error", f"internal error: {type(error).__name__}: {error}")
+        return FileReport(path, "error", f"internal error: {type(error).__name__}: {error}", internal=True)
     sites = [site.as_dict() for site in result.sites]
     if result.changed:
         status = "changed"
@@ -68,18 +74,40 @@ def _process_all(candidates, options, jobs: int, console: Console) -> list[FileR
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not show_progress) as progress:
         task = progress.add_task("migrating", total=len(todo))
-        work = partial(process, **options)
-        if jobs > 1:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                results = pool.map(work, todo, chunksize=max(1, min(64, len(todo) // (4 * jobs))))
-                for report in results:
-                    reports[report.path] = report
-                    progress.advance(task)
-        else:
-            for path in todo:
-                reports[path] = work(path)
-                progress.advance(task)
+        for report in _in_workers(partial(process, **options), todo, jobs):
+            reports[report.path] = report
+            progress.advance(task)
     return [reports[key] for key in sorted(reports)]
+
+
+def _in_workers(work, items: list, jobs: int) -> Iterator:
+    """``map(work, items)`` in ``jobs`` worker processes (in this one for one job), each importing torch
+    once; an interrupt stops them at once rather than after the queued files."""
+    jobs = max(1, min(jobs, len(items)))
+    if jobs == 1:
+        yield from map(work, items)
+        return
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_started)
+    try:
+        yield from pool.map(work, items, chunksize=max(1, min(64, len(items) // (4 * jobs))))
+    except BaseException:
+        # The pool's own thread then trips over the futures map() cancelled (a CPython quirk): not news.
+        threading.excepthook = lambda hook: None
+        pool.shutdown(wait=False)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    pool.shutdown()
+
+
+def _worker_started() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler: terminate() must end us
+    if sys.platform == "linux":
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the parent, even killed
+        except (OSError, AttributeError):
+            pass
 
 
 def _problem_report(candidate) -> FileReport:
@@ -173,6 +201,8 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
             except OSError as error:
                 report.status, report.error = "error", f"cannot write: {error.strerror or error}"
     notes = _clean_up(stale, remove=verb == "apply")
+    if not candidates and not stale and any(path.is_dir() for path in paths):
+        notes.append(f"no file matches --include {' '.join(include)} under {' '.join(map(str, paths))}")
     summary = summary_of(reports)
     if as_json:
         click.echo(json.dumps({"files": [r.as_dict() for r in reports], "summary": summary, "notes": notes}, indent=2))
@@ -182,6 +212,8 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
         print_summary(err if verb == "diff" else out, reports, summary, verb, quiet)
         for note in notes:
             err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    if any(report.internal for report in reports):
+        return 3
     if summary["errors"]:
         return 2
     return 1 if changed and verb in ("diff", "check") else 0
@@ -202,7 +234,23 @@ def _clean_up(stale: list[Path], remove: bool) -> list[str]:
     return notes
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Interruptible(click.Group):
+    """Ctrl-C or SIGTERM: stop within a moment, say so, exit 130 (finished writes stay, none is half-done)."""
+
+    def invoke(self, ctx):
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mtp-migrate")
 def main() -> None:
     """Migrate multi-token-prediction loss loops to weighted_mtp.utils.compute_mtp_ce_loss."""
@@ -258,13 +306,7 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
             if not c.problem and c.path.resolve() in changed]
     reports.update({c.path.as_posix(): FileReport(c.path.as_posix(), "unchanged") for c in candidates
                     if not c.problem and c.path.resolve() not in changed})
-    work = partial(_verify_one, revision=base)
-    jobs = max(1, min(jobs, len(todo)))
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            reports.update((report.path, report) for report in pool.map(work, todo))
-    else:
-        reports.update((report.path, report) for report in map(work, todo))
+    reports.update((report.path, report) for report in _in_workers(partial(_verify_one, revision=base), todo, jobs))
     reports = [reports[key] for key in sorted(reports)]
     summary = summary_of(reports)
     not_equivalent = [s for r in reports for s in r.sites if s["action"] != "skipped" and not s["verified"]]
@@ -280,7 +322,8 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
                     continue
                 out.print(f"{report.path}:{site['line']}: {verdict}", markup=False, highlight=False, soft_wrap=True)
         print_summary(out, reports, summary, "verify", quiet)
-    sys.exit(2 if summary["errors"] else 1 if not_equivalent else 0)
+    internal = any(report.internal for report in reports)
+    sys.exit(3 if internal else 2 if summary["errors"] else 1 if not_equivalent else 0)
 
 
 def _verify_one(job: tuple[Path, Path, str], revision: str) -> FileReport:
@@ -293,7 +336,8 @@ def _verify_one(job: tuple[Path, Path, str], revision: str) -> FileReport:
     except (MigrationError, OSError) as error:
         return FileReport(path.as_posix(), "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either
-        return FileReport(path.as_posix(), "error", f"internal error: {type(error).__name__}: {error}")
+        return FileReport(path.as_posix(), "error", f"internal error: {type(error).__name__}: {error}",
+                          internal=True)
     return FileReport(path.as_posix(), "changed" if sites else "unchanged", None, sites)
 
 

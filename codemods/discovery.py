@@ -55,7 +55,7 @@ def discover(paths: tuple[Path, ...], include: tuple[str, ...], exclude: tuple[s
     seen: set[Path] = set()
     for root in paths:
         if root.is_symlink() and not root.exists():
-            yield Candidate(root, "broken symlink or symlink loop")
+            yield _file_candidate(root)
             continue
         if not root.exists():
             yield Candidate(root, "no such file or directory")
@@ -77,9 +77,7 @@ def _once(candidate: Candidate, seen: set[Path]) -> Iterator[Candidate]:
 def _file_candidate(path: Path) -> Candidate:
     if undecodable(path):
         return Candidate(path, "file name is not valid UTF-8")
-    if path.is_symlink():
-        if not path.exists():
-            return Candidate(path, "broken symlink or symlink loop")
+    if path.is_symlink():  # broken or not: its target is another file's business
         return Candidate(path, "symlink (not followed)", skipped=True)
     return Candidate(path)
 

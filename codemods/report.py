@@ -21,6 +21,7 @@ class FileReport:
     source: bytes = b""
     output: bytes = b""
     rewrote: bool = False
+    internal: bool = False  # the error is a bug of ours (exit 3), not the input's
 
     def as_dict(self) -> dict:
         return {"path": self.path, "status": self.status, "error": self.error, "sites": self.sites}
@@ -59,11 +60,12 @@ def write_diff(patch: bytes, color: bool) -> None:
 
 def summary_of(reports: list[FileReport]) -> dict:
     statuses = Counter(r.status for r in reports)
-    actions = Counter(s["action"] for r in reports for s in r.sites)
+    counted = [s for r in reports if r.status != "error" for s in r.sites]  # a file not written counts nothing
+    actions = Counter(s["action"] for s in counted)
     return {"files": len(reports), "changed": statuses["changed"], "unchanged": statuses["unchanged"],
             "skipped": statuses["skipped"], "errors": statuses["error"],
             "sites_rewritten": actions["rewritten"], "dels_inserted": actions["del_inserted"],
-            "sites_skipped": actions["skipped"], "sites_verified": sum(s["verified"] for r in reports for s in r.sites)}
+            "sites_skipped": actions["skipped"], "sites_verified": sum(s["verified"] for s in counted)}
 
 
 def print_summary(console: Console, reports: list[FileReport], summary: dict, verb: str, quiet: bool) -> None:
@@ -77,6 +79,9 @@ def print_summary(console: Console, reports: list[FileReport], summary: dict, ve
             table.add_row(label, str(summary[key]), style="red" if key == "errors" and summary[key] else None)
         console.print(table)
         for report in reports:
+            if report.status == "skipped" and report.error:  # a file left alone as a whole (a symlink)
+                console.print(f"skipped {report.path}: {report.error}", markup=False, highlight=False,
+                              style="yellow", soft_wrap=True)
             for site in report.sites:
                 if site["action"] == "skipped":
                     console.print(f"skipped {report.path}:{site['line']}: {site['reason']}", markup=False,

@@ -37,9 +37,11 @@ def _imports(path: Path) -> set[str]:
 
 # cli -> runner -> (commands, verify) -> mtp_loop -> cst helpers; verify never imports commands.
 FORBIDDEN = {
-    "mtp_loop": ("codemods.commands", "codemods.verify", "codemods.cli", "codemods.runner", "codemods.since"),
-    "verify": ("codemods.commands", "codemods.cli", "codemods.runner", "codemods.since"),
-    "commands": ("codemods.verify", "codemods.cli", "codemods.runner", "codemods.since"),
+    "mtp_loop": ("codemods.commands", "codemods.verify", "codemods.cli", "codemods.runner", "codemods.since",
+                 "codemods.report", "codemods.cache"),
+    "verify": ("codemods.commands", "codemods.cli", "codemods.runner", "codemods.since", "codemods.report"),
+    "commands": ("codemods.verify", "codemods.cli", "codemods.runner", "codemods.since", "codemods.report",
+                 "codemods.cache"),
 }
 
 

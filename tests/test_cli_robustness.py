@@ -1,0 +1,103 @@
+"""The CLI under signals and its own bugs: the right exit code, quickly, nothing half-done."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import codemods.cli
+from codemods.cli import main
+
+ROOT = Path(__file__).parents[1]
+BEFORE = ROOT / "fixtures" / "pipelines" / "before"
+
+
+def invoke(*args, cwd):
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, [*args, "--color", "never"], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+@pytest.mark.parametrize("which", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_main_process_stops_the_run_with_130(tmp_path, which):
+    for index in range(40):  # minutes of verification if nothing stopped it
+        text = (BEFORE / "run_verifiable.py").read_text().replace("mask_k", f"mask_{index}_k")
+        (tmp_path / f"run_{index}.py").write_text(text)
+    run = subprocess.Popen([sys.executable, "-m", "codemods", "apply", "--jobs", "2", "--no-cache", "."],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(6)  # torch imported, verification under way
+    assert run.poll() is None, run.communicate()
+    sent = time.monotonic()
+    run.send_signal(which)
+    out, err = run.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert run.returncode == 130, (out + err).decode()[-2000:]
+    assert b"error: interrupted" in err
+    assert not list(tmp_path.glob(".*.mtp-migrate"))  # no temp file left behind
+    originals = {(BEFORE / "run_verifiable.py").read_text().replace("mask_k", f"mask_{i}_k") for i in range(40)}
+    for path in tmp_path.glob("run_*.py"):  # each file is its old self or fully migrated
+        text = path.read_text()
+        assert text in originals or "compute_mtp_ce_loss(" in text
+
+
+def test_an_internal_error_exits_3_and_the_batch_goes_on(tmp_path, monkeypatch):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    shutil.copy(BEFORE / "run_rho1.py", tmp_path / "run_rho1.py")
+    real = codemods.cli.migrate_file
+
+    def buggy(path, **options):
+        if path.name == "run_rho1.py":
+            raise RuntimeError("a bug")
+        return real(path, **options)
+
+    monkeypatch.setattr(codemods.cli, "migrate_file", buggy)
+    result = invoke("check", "--no-verify", "--jobs", "1", ".", cwd=tmp_path)
+    assert result.exit_code == 3
+    assert "error: run_rho1.py: internal error: RuntimeError: a bug" in result.output
+    assert "files to change │ 1" in result.output
+
+
+def test_an_include_glob_that_matches_nothing_says_so(tmp_path):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    result = invoke("check", "--no-verify", "--include", "[", ".", cwd=tmp_path)
+    assert result.exit_code == 0
+    assert "note: no file matches --include [ under ." in result.output
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_workers_die_with_a_killed_parent(tmp_path):
+    for index in range(20):
+        text = (BEFORE / "run_verifiable.py").read_text().replace("mask_k", f"mask_{index}_k")
+        (tmp_path / f"run_{index}.py").write_text(text)
+    run = subprocess.Popen([sys.executable, "-m", "codemods", "check", "--jobs", "2", "--no-cache", "."],
+                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(6)
+    workers = _children(run.pid)
+    assert workers, "the run should have worker processes by now"
+    run.kill()
+    run.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
