@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sys
+import threading
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,6 +23,9 @@ from codemods.vendoring import SHIPPED_UTILITY, utility_target
 
 # A file without any of these cannot hold a site: it is never parsed.
 PREFILTER = (b"cross_entropy", b"nll_loss")
+MAX_BYTES = 256 << 10  # a pipeline is 5 to 50 KiB; the analysis is linear but slow (docs/cli.md)
+STACK_BYTES = 512 << 20  # address space only: pages are used as the recursion reaches them
+RECURSION_LIMIT = 100_000
 
 
 @dataclass
@@ -64,6 +69,41 @@ def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = 
     check_bytes(data)
     if not any(marker in data for marker in PREFILTER):
         return FileResult(data, data)
+    if len(data) > MAX_BYTES:
+        raise MigrationError(f"{len(data) >> 10} KiB, over the {MAX_BYTES >> 10} KiB a file may have to be "
+                             "analysed (the analysis takes about 15 s per 100 KiB): left as it is")
+    return _with_deep_stack(partial(_migrate, path, data, rho1, utility_module, verify, cache))
+
+
+def _with_deep_stack(work):
+    """``work()`` on a thread with a large stack and recursion limit: LibCST recurses once per statement
+    of a block in places (a file of 1000 top-level statements overflows the default)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = work()
+        except RecursionError:
+            outcome["error"] = MigrationError("too deeply nested or too long a block for a safe rewrite")
+        except BaseException as error:
+            outcome["error"] = error
+
+    limit, size = sys.getrecursionlimit(), threading.stack_size()
+    threading.stack_size(STACK_BYTES)
+    sys.setrecursionlimit(RECURSION_LIMIT)
+    try:
+        thread = threading.Thread(target=run, name="mtp-migrate file", daemon=True)
+        thread.start()
+        thread.join()
+    finally:
+        threading.stack_size(size)
+        sys.setrecursionlimit(limit)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _migrate(path: Path, data: bytes, rho1: str, utility_module: str, verify: bool, cache: bool) -> FileResult:
     target = utility_target(path.resolve().parent, utility_module)
     width = project.line_length(path.parent)
     # Outside any project, the cache goes where the command runs (not into every folder).

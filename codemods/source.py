@@ -47,28 +47,38 @@ def check_bytes(data: bytes) -> None:
         raise MigrationError(f"not valid text in its declared encoding: {str(error).splitlines()[0]}") from None
 
 
-def _python_syntax_error(source: bytes) -> str | None:
-    """Python's own message for a syntax error (``'(' was never closed (line 5, column 11)``)."""
+MAX_DEPTH = 1200  # syntax nesting: Python refuses 200 nested brackets; a 1000-term sum is 1000 deep
+
+
+def _check_with_python(source: bytes) -> None:
+    """Python's own parser first (fast, and safe where LibCST's native one crashes on deep nesting): its
+    message for a syntax error (``'(' was never closed (line 5, column 11)``), and a nesting limit."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ast.parse(source)
+            tree = ast.parse(source)
     except SyntaxError as error:
         where = f" (line {error.lineno}, column {error.offset})" if error.lineno else ""
-        return f"{error.msg}{where}"
+        raise MigrationError(f"syntax error: {error.msg}{where}") from None
     except (ValueError, RecursionError, MemoryError) as error:
-        return str(error)
-    return None
+        raise MigrationError(f"syntax error: {error}") from None
+    stack = [(tree, 0, 1)]
+    while stack:
+        node, depth, line = stack.pop()
+        line = getattr(node, "lineno", line)
+        if depth > MAX_DEPTH:
+            raise MigrationError(f"nested more than {MAX_DEPTH} levels deep (line {line}): left as it is")
+        stack.extend((child, depth + 1, line) for child in ast.iter_child_nodes(node))
 
 
 def parse_source(source: bytes) -> tuple[bytes, cst.Module]:
-    """``(BOM, module)``; a syntax or encoding problem becomes a ``MigrationError``."""
+    """``(BOM, module)``; a syntax or encoding problem, or nesting too deep, becomes a ``MigrationError``."""
     bom = codecs.BOM_UTF8 if source.startswith(codecs.BOM_UTF8) else b""
+    _check_with_python(source)
     try:
         return bom, cst.parse_module(source[len(bom):])
     except (cst.ParserSyntaxError, SyntaxError) as error:
-        reason = _python_syntax_error(source) or str(error).splitlines()[0]
-        raise MigrationError(f"syntax error: {reason}") from None
+        raise MigrationError(f"syntax error: {str(error).splitlines()[0]}") from None
     except (UnicodeDecodeError, LookupError) as error:
         raise MigrationError(f"cannot decode: {error}") from None
 

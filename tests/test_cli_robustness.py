@@ -101,3 +101,40 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+PIPELINE = (BEFORE / "run_baseline.py").read_text()
+HOSTILE = {
+    "run_many_statements.py": PIPELINE + "".join(f"X{i} = {i}\n" for i in range(1000)),
+    "run_nested_lists.py": PIPELINE + "Y = " + "[" * 150 + "]" * 150 + "\n",
+    "run_long_sum.py": PIPELINE + "Z = 1" + " + 1" * 1000 + "\n",
+    "run_hex_constants.py": PIPELINE + "SEED = 0x10\nMAX_LEN = (512)\nMASK = 0b1010 + 1_000 - -3\n",
+}
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_hostile_but_valid_files_are_migrated_and_a_parser_crash_is_an_error_line(tmp_path, jobs):
+    for name, text in HOSTILE.items():
+        (tmp_path / name).write_text(text)
+    # LibCST's native parser crashes on 1500 nested brackets; Python's refuses them first.
+    (tmp_path / "run_deep_brackets.py").write_text(PIPELINE + "W = " + "(" * 1500 + "1" + ")" * 1500 + "\n")
+    done = subprocess.run([sys.executable, "-m", "codemods", "check", "--no-verify", "--json", "--jobs", jobs, "."],
+                          cwd=tmp_path, capture_output=True, timeout=600)
+    assert done.returncode == 2, done.stderr.decode()[-2000:]
+    files = {f["path"]: f for f in __import__("json").loads(done.stdout)["files"]}
+    assert {name: files[name]["status"] for name in HOSTILE} == dict.fromkeys(HOSTILE, "changed")
+    assert files["run_deep_brackets.py"]["error"].startswith("syntax error: too many nested parentheses")
+
+
+def test_a_file_over_the_size_limit_is_refused_quickly(tmp_path):
+    from codemods.runner import MAX_BYTES
+
+    filler = "# " + "x" * 78 + "\n"
+    (tmp_path / "run_huge.py").write_text(PIPELINE + filler * (MAX_BYTES // len(filler) + 1))
+    (tmp_path / "run_huge_but_unrelated.py").write_text(filler * (2 * MAX_BYTES // len(filler)))
+    began = time.monotonic()
+    result = invoke("check", "--no-verify", ".", cwd=tmp_path)
+    assert time.monotonic() - began < 10
+    assert result.exit_code == 2
+    assert "error: run_huge.py: " in result.output and "KiB a file may have to be analysed" in result.output
+    assert "run_huge_but_unrelated.py" not in result.output  # no loop can be there: never an error
