@@ -56,7 +56,13 @@ def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = DEF
                                     utility_problem=utility_problem, line_length=line_length)
     output = command.transform_module(module)
     sites = sorted(context.scratch.get(RewriteMTPLoopCommand.REPORT_KEY, []), key=lambda site: site.line)
-    return FileResult(source, bom + output.bytes if output is not module else source, sites)
+    if output is module:
+        return FileResult(source, source, sites)
+    written = bom + output.bytes
+    ending = next((e for e in (b"\r\n", b"\n", b"\r") if source.endswith(e)), b"")
+    if ending and not written.endswith((b"\n", b"\r")):  # LibCST drops a CR-only file's last line ending
+        written += ending
+    return FileResult(source, written, sites)
 
 
 def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = DEFAULT_UTILITY_MODULE,

@@ -138,3 +138,14 @@ def test_a_file_over_the_size_limit_is_refused_quickly(tmp_path):
     assert result.exit_code == 2
     assert "error: run_huge.py: " in result.output and "KiB a file may have to be analysed" in result.output
     assert "run_huge_but_unrelated.py" not in result.output  # no loop can be there: never an error
+
+
+def test_every_line_ending_form_survives_apply_exactly(tmp_path):
+    for name, ending in (("run_lf.py", "\n"), ("run_crlf.py", "\r\n"), ("run_cr.py", "\r")):
+        (tmp_path / name).write_bytes(PIPELINE.replace("\n", ending).encode())
+    assert invoke("apply", "--no-verify", ".", cwd=tmp_path).exit_code == 0
+    for name, ending in (("run_lf.py", b"\n"), ("run_crlf.py", b"\r\n"), ("run_cr.py", b"\r")):
+        data = (tmp_path / name).read_bytes()
+        assert b"compute_mtp_ce_loss" in data and data.endswith(ending)
+        others = data.replace(b"\r\n", b"") if ending == b"\r\n" else data.replace(ending, b"")
+        assert b"\r" not in others and b"\n" not in others, name
