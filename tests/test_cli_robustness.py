@@ -149,3 +149,15 @@ def test_every_line_ending_form_survives_apply_exactly(tmp_path):
         assert b"compute_mtp_ce_loss" in data and data.endswith(ending)
         others = data.replace(b"\r\n", b"") if ending == b"\r\n" else data.replace(ending, b"")
         assert b"\r" not in others and b"\n" not in others, name
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root can give a file away")
+def test_apply_keeps_owner_group_and_mode(tmp_path):
+    target = tmp_path / "run_rho1.py"
+    shutil.copy(BEFORE / "run_rho1.py", target)
+    os.chown(target, 65534, 65534)
+    target.chmod(0o640)
+    assert invoke("apply", "--no-verify", ".", cwd=tmp_path).exit_code == 0
+    status = target.stat()
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o7777) == (65534, 65534, 0o640)
+    assert b"del " in target.read_bytes()
