@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_runner import invoke
 
 from codemods import source
-from codemods.cli import main
 from codemods.refusals import Code, Refusal
 
 ROOT = Path(__file__).parents[1]
@@ -33,15 +32,6 @@ def repo(tmp_path):
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "ignored" / "run_ignored.py")
     (tmp_path / ".gitignore").write_text("ignored/\n")
     return tmp_path
-
-
-def invoke(*args, cwd):
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, [*args, "--color", "never"], catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 def snapshot(root: Path) -> dict:

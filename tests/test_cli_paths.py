@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_runner import invoke
 from click.testing import CliRunner
 
 import codemods.verify
@@ -20,15 +21,6 @@ from codemods.source import STALE_AFTER_S
 ROOT = Path(__file__).parents[1]
 BEFORE = ROOT / "fixtures" / "pipelines" / "before"
 NOBODY = 65534
-
-
-def invoke(*args, cwd):
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, [*args, "--color", "never"], catch_exceptions=False)
-    finally:
-        os.chdir(old)
 
 
 def _as_unprivileged_user(function) -> tuple[int, str]:
