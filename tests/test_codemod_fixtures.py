@@ -44,11 +44,25 @@ def test_output_parses_and_second_run_changes_nothing(case):
     assert migrate(output) == output
 
 
-def test_skip_cases_are_unchanged():
-    skips = [case for case in CASES if case.startswith("skip_")]
-    assert len(skips) >= 4
-    for case in skips:
-        assert (FIXTURES / f"{case}.in.py").read_bytes() == (FIXTURES / f"{case}.out.py").read_bytes(), case
+# Every skip fixture's refusal, pinned: its stable code and the reason a user reads.
+SKIPS = {
+    "skip_intermediate_appended": ("MTP110", "per-head value `ce` is used elsewhere: `per_head.append(ce.detach())`"),
+    "skip_label_smoothing": ("MTP104", "cross_entropy keyword `label_smoothing` has no equivalent in the utility"),
+    "skip_token_mean": ("MTP108", "`total_ce` accumulates `(ce * mask).sum()`, not a per-head ratio of sums "
+                                  "(a token mean across heads?)"),
+    "skip_unguarded_division": ("MTP109", "`loss` divides by a sum that is not guarded by `> 0` (the loop gives "
+                                          "NaN or a value where the utility gives 0)"),
+    "skip_utility_itself": ("MTP118", "a loop inside the loss utility itself"),
+}
+
+
+def test_skip_cases_are_unchanged_with_their_code_and_reason():
+    assert sorted(SKIPS) == [case for case in CASES if case.startswith("skip_")]
+    for case, (code, reason) in SKIPS.items():
+        source = (FIXTURES / f"{case}.in.py").read_bytes()
+        assert source == (FIXTURES / f"{case}.out.py").read_bytes(), case
+        sites = migrate_source(source).sites
+        assert [(s.action.value, s.refusal.code.code, s.refusal.message) for s in sites] == [("skipped", code, reason)]
 
 
 def test_line_endings_bom_and_comments_survive():
