@@ -20,6 +20,7 @@ from codemods.mtp_loop.spec import Action, SiteReport
 from codemods.refusals import Refusal
 from codemods.source import MigrationError, check_bytes, parse_source
 from codemods.vendoring import SHIPPED_UTILITY, utility_target
+from codemods.verify import verify_sites
 
 # A file without any of these cannot hold a site: it is never parsed.
 PREFILTER = (b"cross_entropy", b"nll_loss")
@@ -41,8 +42,6 @@ class FileResult:
 
 def default_verifier(cache: Cache | None = None) -> Verifier:
     """Verification against the utility we ship (the one every rewrite imports, or refuses)."""
-    from codemods.verify import verify_sites
-
     return partial(verify_sites, utility_file=str(SHIPPED_UTILITY), cache=cache)
 
 

@@ -193,12 +193,12 @@ def test_apply_verifies_sites_and_skips_one_that_fails(tmp_path, monkeypatch):
     target = tmp_path / "run_baseline.py"
     shutil.copy(BEFORE / "run_baseline.py", target)
     original = target.read_bytes()
-    import codemods.verify
+    import codemods.runner
 
     def refuse_all(original, edited, decisions, utility, utility_file, cache=None):
         return {d.line: Refusal(Code.NOT_EQUIVALENT, "`loss` differs by 0.5 (on B=2 ...)") for d in decisions}
 
-    monkeypatch.setattr(codemods.verify, "verify_sites", refuse_all)
+    monkeypatch.setattr(codemods.runner, "verify_sites", refuse_all)
     result = invoke("apply", ".", "--json", "--jobs", "1", cwd=tmp_path)
     sites = json.loads(result.output)["files"][0]["sites"]
     assert [s["action"] for s in sites] == ["skipped", "skipped"]
