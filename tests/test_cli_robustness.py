@@ -1,5 +1,6 @@
 """The CLI under signals and its own bugs: the right exit code, quickly, nothing half-done."""
 
+import json
 import os
 import shutil
 import signal
@@ -111,7 +112,7 @@ def test_hostile_but_valid_files_are_migrated_and_a_parser_crash_is_an_error_lin
     done = subprocess.run([sys.executable, "-m", "codemods", "check", "--no-verify", "--json", "--jobs", jobs, "."],
                           cwd=tmp_path, capture_output=True, timeout=600)
     assert done.returncode == 2, done.stderr.decode()[-2000:]
-    files = {f["path"]: f for f in __import__("json").loads(done.stdout)["files"]}
+    files = {f["path"]: f for f in json.loads(done.stdout)["files"]}
     assert {name: files[name]["status"] for name in HOSTILE} == dict.fromkeys(HOSTILE, "changed")
     assert files["run_deep_brackets.py"]["error"].startswith("syntax error: too many nested parentheses")
 
@@ -151,3 +152,57 @@ def test_apply_keeps_owner_group_and_mode(tmp_path):
     status = target.stat()
     assert (status.st_uid, status.st_gid, status.st_mode & 0o7777) == (65534, 65534, 0o640)
     assert b"del " in target.read_bytes()
+
+
+def _git(*args, cwd):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+def test_jobs_are_capped_at_the_number_of_files(tmp_path):
+    for name in ("run_a.py", "run_b.py", "run_c.py"):
+        shutil.copy(BEFORE / "run_baseline.py", tmp_path / name)
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "codemods", "check", "--no-verify", "--jobs", "5000", "."],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - began < 60
+
+
+def test_options_are_checked_before_any_file_is_read(tmp_path, monkeypatch):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    monkeypatch.setattr(codemods.cli, "discover", lambda *args: pytest.fail("a file was looked at"))
+    result = invoke("check", "--utility-module", "not a module", ".", cwd=tmp_path)
+    assert result.exit_code == 2 and "is not a dotted module name" in result.output
+
+
+def test_verify_json_prints_json_even_for_an_early_error(tmp_path):
+    result = invoke("verify", "--base", "HEAD", "--json", ".", cwd=tmp_path)
+    assert result.exit_code == 2
+    report = json.loads(result.stdout)
+    assert "not a git repository" in report["error"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_a_syntax_error_at_the_revision_names_the_revision(tmp_path):
+    target = tmp_path / "run_baseline.py"
+    target.write_text("def broken(:\n    return F.cross_entropy\n")
+    _git("init", "-q", cwd=tmp_path)
+    _git("add", "-A", cwd=tmp_path)
+    _git("commit", "-qm", "broken", cwd=tmp_path)
+    shutil.copy(BEFORE / "run_baseline.py", target)
+    result = invoke("verify", "--base", "HEAD", ".", cwd=tmp_path)
+    assert result.exit_code == 2
+    assert "error: run_baseline.py: at HEAD: syntax error:" in result.output
+
+
+def test_the_summary_counts_only_what_was_written(tmp_path, monkeypatch):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+
+    def full_disk(path, data, expected=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(codemods.cli, "write_atomic", full_disk)
+    result = invoke("apply", "--no-verify", "--json", ".", cwd=tmp_path)
+    assert result.exit_code == 2
+    summary = json.loads(result.output)["summary"]
+    assert (summary["changed"], summary["sites_rewritten"], summary["errors"]) == (0, 0, 1)
