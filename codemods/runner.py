@@ -24,7 +24,7 @@ from codemods.verify import verify_sites
 
 # A file without any of these cannot hold a site: it is never parsed.
 PREFILTER = (b"cross_entropy", b"nll_loss")
-MAX_BYTES = 256 << 10  # a pipeline is 5 to 50 KiB; the analysis is linear but slow (docs/cli.md)
+MAX_BYTES = 1 << 20  # a pipeline is 5 to 50 KiB; past this even Python's parser takes seconds (docs/cli.md)
 STACK_BYTES = 512 << 20  # address space only: pages are used as the recursion reaches them
 RECURSION_LIMIT = 100_000
 
@@ -76,7 +76,7 @@ def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = 
         return FileResult(data, data)
     if len(data) > MAX_BYTES:
         raise MigrationError(f"{len(data) >> 10} KiB, over the {MAX_BYTES >> 10} KiB a file may have to be "
-                             "analysed (the analysis takes about 15 s per 100 KiB): left as it is")
+                             "analysed: left as it is")
     return _with_deep_stack(partial(_migrate, path, data, rho1, utility_module, verify, cache))
 
 

@@ -47,6 +47,7 @@ def check_bytes(data: bytes) -> None:
         raise MigrationError(f"not valid text in its declared encoding: {str(error).splitlines()[0]}") from None
 
 
+MAX_NODES = 50_000  # a pipeline has 1,000 to 10,000
 MAX_DEPTH = 1200  # syntax nesting: Python refuses 200 nested brackets; a 1000-term sum is 1000 deep
 
 
@@ -62,9 +63,13 @@ def _check_with_python(source: bytes) -> None:
         raise MigrationError(f"syntax error: {error.msg}{where}") from None
     except (ValueError, RecursionError, MemoryError) as error:
         raise MigrationError(f"syntax error: {error}") from None
-    stack = [(tree, 0, 1)]
+    stack, count = [(tree, 0, 1)], 0
     while stack:
         node, depth, line = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise MigrationError(f"over {MAX_NODES:,} syntax nodes (the analysis takes about 1 s per 1,000): "
+                                 "left as it is")
         line = getattr(node, "lineno", line)
         if depth > MAX_DEPTH:
             raise MigrationError(f"nested more than {MAX_DEPTH} levels deep (line {line}): left as it is")

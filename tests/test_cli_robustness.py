@@ -131,6 +131,16 @@ def test_a_file_over_the_size_limit_is_refused_quickly(tmp_path):
     assert "run_huge_but_unrelated.py" not in result.output  # no loop can be there: never an error
 
 
+def test_a_file_with_too_many_syntax_nodes_is_refused_before_libcst_sees_it(tmp_path, monkeypatch):
+    from codemods.source import MAX_NODES
+
+    (tmp_path / "run_wide.py").write_text(PIPELINE + "".join(f"V{i} = ({i}, {i})\n" for i in range(MAX_NODES // 6)))
+    monkeypatch.setattr("libcst.parse_module", lambda *args: pytest.fail("LibCST parsed it"))
+    result = invoke("check", "--no-verify", "--jobs", "1", ".", cwd=tmp_path)
+    assert result.exit_code == 2
+    assert f"error: run_wide.py: over {MAX_NODES:,} syntax nodes" in result.output
+
+
 def test_every_line_ending_form_survives_apply_exactly(tmp_path):
     for name, ending in (("run_lf.py", "\n"), ("run_crlf.py", "\r\n"), ("run_cr.py", "\r")):
         (tmp_path / name).write_bytes(PIPELINE.replace("\n", ending).encode())
