@@ -48,19 +48,26 @@ def check_bytes(data: bytes) -> None:
 
 
 MAX_NODES = 50_000  # a pipeline has 1,000 to 10,000
+MAX_BRACKETS = 200  # as Python's own parser allows
 MAX_DEPTH = 1200  # syntax nesting: Python refuses 200 nested brackets; a 1000-term sum is 1000 deep
 
 
-def _check_with_python(source: bytes) -> None:
-    """Python's own parser first (fast, and safe where LibCST's native one crashes on deep nesting): its
-    message for a syntax error (``'(' was never closed (line 5, column 11)``), and a nesting limit."""
+def _check_with_python(source: bytes) -> str | None:
+    """Python's own parser first (fast, and safe where LibCST's native one crashes on deep nesting).
+
+    Returns its message for a syntax error (``'(' was never closed (line 5, column 11)``), for
+    LibCST to confirm: this interpreter may predate the syntax the file was written for. Raises
+    for nesting or size past the limits.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tree = ast.parse(source)
     except SyntaxError as error:
         where = f" (line {error.lineno}, column {error.offset})" if error.lineno else ""
-        raise MigrationError(f"syntax error: {error.msg}{where}") from None
+        if "too many nested" in error.msg or _bracket_depth(source) > MAX_BRACKETS:  # LibCST crashes on these
+            raise MigrationError(f"syntax error: {error.msg}{where}") from None
+        return f"{error.msg}{where}"
     except (ValueError, RecursionError, MemoryError) as error:
         raise MigrationError(f"syntax error: {error}") from None
     stack, count = [(tree, 0, 1)], 0
@@ -74,16 +81,32 @@ def _check_with_python(source: bytes) -> None:
         if depth > MAX_DEPTH:
             raise MigrationError(f"nested more than {MAX_DEPTH} levels deep (line {line}): left as it is")
         stack.extend((child, depth + 1, line) for child in ast.iter_child_nodes(node))
+    return None
+
+
+def _bracket_depth(source: bytes) -> int:
+    """The deepest bracket nesting, read by the tokenizer (which takes syntax newer than this Python's)."""
+    depth = deepest = 0
+    try:
+        for token in tokenize.tokenize(io.BytesIO(source).readline):
+            if token.type == tokenize.OP and token.string in "([{":
+                depth += 1
+                deepest = max(deepest, depth)
+            elif token.type == tokenize.OP and token.string in ")]}":
+                depth -= 1
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return deepest
 
 
 def parse_source(source: bytes) -> tuple[bytes, cst.Module]:
     """``(BOM, module)``; a syntax or encoding problem, or nesting too deep, becomes a ``MigrationError``."""
     bom = codecs.BOM_UTF8 if source.startswith(codecs.BOM_UTF8) else b""
-    _check_with_python(source)
+    python_error = _check_with_python(source)
     try:
         return bom, cst.parse_module(source[len(bom):])
     except (cst.ParserSyntaxError, SyntaxError) as error:
-        raise MigrationError(f"syntax error: {str(error).splitlines()[0]}") from None
+        raise MigrationError(f"syntax error: {python_error or str(error).splitlines()[0]}") from None
     except (UnicodeDecodeError, LookupError) as error:
         raise MigrationError(f"cannot decode: {error}") from None
 

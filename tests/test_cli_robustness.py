@@ -216,3 +216,17 @@ def test_the_summary_counts_only_what_was_written(tmp_path, monkeypatch):
     assert result.exit_code == 2
     summary = json.loads(result.output)["summary"]
     assert (summary["changed"], summary["sites_rewritten"], summary["errors"]) == (0, 0, 1)
+
+
+def test_syntax_newer_than_this_python_is_left_to_libcst_but_never_deep_nesting(tmp_path):
+    newer = "import torch.nn.functional as F\ntype Loss = float\n\n\ndef f(x):\n    return F.cross_entropy\n"
+    (tmp_path / "run_newer.py").write_text(newer)
+    (tmp_path / "run_newer_deep.py").write_text(newer + "W = " + "(" * 1500 + "1" + ")" * 1500 + "\n")
+    (tmp_path / "run_broken.py").write_text("import torch.nn.functional as F\ndef f(:\n    return F.cross_entropy\n")
+    done = subprocess.run([sys.executable, "-m", "codemods", "check", "--no-verify", "--json", "--jobs", "1", "."],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    assert done.returncode == 2, done.stderr.decode()[-2000:]
+    files = {f["path"]: f for f in json.loads(done.stdout)["files"]}
+    assert files["run_newer.py"]["status"] == "unchanged"  # `type X = ...` is Python 3.12: LibCST reads it
+    assert files["run_newer_deep.py"]["error"].startswith("syntax error: too many nested parentheses")
+    assert files["run_broken.py"]["error"] == "syntax error: invalid syntax (line 2, column 7)"
