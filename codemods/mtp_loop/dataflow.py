@@ -38,6 +38,22 @@ class FlowIndex:
 
     def __init__(self):
         self._reads: dict[int, tuple[cst.CSTNode, frozenset[str]]] = {}
+        self._outside: dict[int, tuple[cst.CSTNode, frozenset[str] | None]] = {}
+
+    def outside_reads(self, scope: cst.FunctionDef | cst.Module) -> frozenset[str] | None:
+        """What may read a scope's names besides its own statements: its closures' free names and its
+        global/nonlocal declarations (a module: any function). ``None`` if it inspects its own locals."""
+        cached = self._outside.get(id(scope))
+        if cached is None or cached[0] is not scope:
+            if _introspects(scope):
+                value = None
+            elif isinstance(scope, cst.Module):
+                value = self.reads(scope)
+            else:
+                value = frozenset(_closure_reads(self, scope) | _declared_outside(scope))
+            cached = (scope, value)
+            self._outside[id(scope)] = cached
+        return cached[1]
 
     def reads(self, node: cst.CSTNode) -> frozenset[str]:
         cached = self._reads.get(id(node))
@@ -156,10 +172,10 @@ ALL = frozenset({"*"})  # every name: the function inspects its own locals
 
 def live_after(index: FlowIndex, point: Point) -> frozenset[str]:
     """Names that may be read after ``block[start:stop]`` before being rebound (or ``ALL``)."""
-    scope = point.scope
-    if _introspects(index, scope):
+    outside = index.outside_reads(point.scope)
+    if outside is None:
         return ALL
-    found: set[str] = set()
+    found: set[str] = set(outside)
     for depth, level in enumerate(point.levels):
         after = level.index + 1 if depth else point.stop
         found |= index.exposed_reads(level.block[after:])
@@ -178,14 +194,10 @@ def live_after(index: FlowIndex, point: Point) -> frozenset[str]:
                     found |= index.exposed_reads(owner.orelse.body.body)
             if level.role in ("body", "handler", "orelse") and owner.finalbody is not None:
                 found |= index.exposed_reads(owner.finalbody.body.body)
-    if isinstance(scope, cst.Module):
-        found |= index.reads(scope)  # any function of the module may read a global
-    else:
-        found |= _closure_reads(index, scope) | _declared_outside(scope)
     return frozenset(found)
 
 
-def _introspects(index: FlowIndex, scope) -> bool:
+def _introspects(scope) -> bool:
     calls = m.findall(scope, m.Call(func=m.Name()))
     return any(call.func.value in _INTROSPECTION for call in calls)
 

@@ -8,6 +8,7 @@ lives, so the verifier can run exactly what will be written.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import libcst as cst
 import libcst.matchers as m
@@ -75,7 +76,8 @@ def _imports_from(node: cst.ImportFrom, utility_module: str) -> bool:
         not isinstance(node.names, cst.ImportStar)
 
 
-def _bound_anywhere(module: cst.Module, utility_module: str) -> set[str]:
+@lru_cache(maxsize=8)  # asked by the plan and by the command of the same module; modules hash by identity
+def _bound_anywhere(module: cst.Module, utility_module: str) -> frozenset[str]:
     """Names bound anywhere in the module (any scope), except by a module-level import of the utility."""
     utility_imports = {id(s.body[0]) for s in module.body if m.matches(s, m.SimpleStatementLine(body=[m.ImportFrom()]))
                        and _imports_from(s.body[0], utility_module)}
@@ -97,7 +99,7 @@ def _bound_anywhere(module: cst.Module, utility_module: str) -> set[str]:
             continue  # our import is added after it, so ours wins
         else:
             names |= binds(node)
-    return names
+    return frozenset(names)
 
 
 def action_for(site: Site, rho1: str) -> tuple[Action, Refusal | None]:

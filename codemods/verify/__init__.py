@@ -27,8 +27,8 @@ def _scopes(module: cst.Module) -> Iterable[cst.FunctionDef | cst.Module]:
     yield from m.findall(module, m.FunctionDef())
 
 
-def _point(module: cst.Module, statement: cst.BaseStatement) -> Point | None:
-    for scope in _scopes(module):
+def _point(scopes: list, statement: cst.BaseStatement) -> Point | None:
+    for scope in scopes:
         point = locate(scope, statement)
         if point is not None:
             return point
@@ -43,6 +43,7 @@ def programs(original: cst.Module, written: cst.Module, decisions: list[Decision
     """
     old_index, new_index = FlowIndex(), FlowIndex()
     regions = marked_regions(written)
+    scopes = list(_scopes(written))
     built, refused = [], {}
     for decision in decisions:
         if decision.action is Action.SKIPPED:
@@ -51,7 +52,7 @@ def programs(original: cst.Module, written: cst.Module, decisions: list[Decision
         old = locate(site.scope, site.block[site.start])
         old = Point(old.scope, old.levels, site.stop)
         marked = regions.get(site.line, [])
-        new = _point(written, marked[0][0][marked[0][1]]) if marked else None
+        new = _point(scopes, marked[0][0][marked[0][1]]) if marked else None
         if new is None or len({id(block) for block, _ in marked}) != 1:
             refused[site.line] = Refusal(Code.VERIFIER_FAILED, "cannot find the edited site in the written file")
             continue
