@@ -386,12 +386,10 @@ def test_retain_graph_and_double_backward():
     torch.testing.assert_close(logits.grad, 2 * first, atol=1e-15, rtol=0)
     torch.testing.assert_close(attention_mask.grad, 2 * first_mask, atol=1e-15, rtol=0)
 
-    for wrt in (logits, attention_mask):
-        (grad,) = torch.autograd.grad(
-            compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"], wrt, create_graph=True
-        )
+    for wrt in (logits, attention_mask):  # a gradient penalty: refused at once, never silently dropped
+        loss = compute_mtp_ce_loss(logits, labels, attention_mask, weights)["weighted_ce_loss"]
         with pytest.raises(RuntimeError, match="differentiated only once"):
-            grad.sum().backward()
+            torch.autograd.grad(loss, wrt, create_graph=True)
 
 
 def test_weights_receive_gradient_only_when_requested():
@@ -432,3 +430,15 @@ def _bad_calls():
 def test_bad_input_names_the_argument(argument, args, kwargs, error):
     with pytest.raises(error, match=argument):
         compute_mtp_ce_loss(*args, **kwargs)
+
+
+def test_an_empty_batch_and_narrow_integer_labels_read_as_cross_entropy_reads_them():
+    empty = compute_mtp_ce_loss(torch.randn(0, 7, 3, 11), torch.zeros(0, 7, dtype=torch.long), torch.ones(0, 7))
+    assert float(empty["weighted_ce_loss"]) == 0.0
+    logits, labels, attention_mask, weights = make_batch(2, 7, 3, 200)
+    labels = labels.clamp_min(0)
+    labels[0, 3] = 156  # -100 as a uint8 would be 156: it must stay a token
+    wide = compute_mtp_ce_loss(logits, labels, attention_mask, weights)
+    narrow = compute_mtp_ce_loss(logits, labels.to(torch.uint8), attention_mask, weights)
+    for key in ("weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss"):
+        torch.testing.assert_close(narrow[key], wide[key], atol=0, rtol=0)

@@ -90,6 +90,8 @@ def compute_mtp_ce_loss(
             an unknown option value, 3-D weights with an alignment other than ``"input"``,
             or (on CPU) a label outside ``[0, V)`` other than ``ignore_index``.
     """
+    if isinstance(labels, torch.Tensor) and labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        labels = labels.long()  # as cross_entropy reads them: -100 and the vocabulary size fit
     n_future = _validate(
         logits, labels, attention_mask, weights,
         n_future=n_future, ignore_index=ignore_index, weight_alignment=weight_alignment,
@@ -240,7 +242,7 @@ class _MTPCrossEntropy(torch.autograd.Function):
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         if chunk_size is None:
             chunk_size = min(_AUTO_CHUNK_ELEMENTS, logits.numel() // _AUTO_CHUNK_FRACTION) // vocab
-        positions_per_chunk = max(1, chunk_size // batch)
+        positions_per_chunk = max(1, chunk_size // max(batch, 1))
 
         state = logits.new_zeros((5, n_future, batch, seq), dtype=compute_dtype)
         lse, ce, mask, label_ok, head_weights = state
@@ -292,30 +294,14 @@ class _MTPCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
-        with torch.no_grad():
-            grads = _backward(ctx, grad_weighted, grad_unweighted, grad_per_head)
-        if torch.is_grad_enabled():  # create_graph=True: a second differentiation must fail, not be silently 0
-            grads = _refuse_second_backward(*grads)
-        return *grads, *([None] * 9)
-
-
-class _SecondBackwardError(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *grads):
-        return tuple(grad.view_as(grad) for grad in grads)
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(
-            "compute_mtp_ce_loss can be differentiated only once: double backward "
-            "(create_graph=True, e.g. a gradient penalty through the loss) is not supported"
-        )
-
-
-def _refuse_second_backward(*grads):
-    present = [grad.detach().requires_grad_(True) for grad in grads if grad is not None]
-    guarded = iter(_SecondBackwardError.apply(*present) if present else ())
-    return tuple(None if grad is None else next(guarded) for grad in grads)
+        # create_graph=True runs this with grad enabled. A second differentiation would be silently
+        # wrong (a gradient penalty's term dropped, when the engine prunes any guard node), so refuse now.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "compute_mtp_ce_loss can be differentiated only once: double backward "
+                "(create_graph=True, e.g. a gradient penalty through the loss) is not supported"
+            )
+        return *_backward(ctx, grad_weighted, grad_unweighted, grad_per_head), *([None] * 9)
 
 
 def _backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
