@@ -31,6 +31,7 @@ class Code(Enum):
     VALUE_CAST = ("MTP117", "a value-changing cast the call cannot reproduce")
     UTILITY_ITSELF = ("MTP118", "a loop inside the loss utility itself")
     NAME_COLLISION = ("MTP119", "the utility's name is bound in a way an import cannot safely coexist with")
+    TORCHSCRIPT = ("MTP120", "a loop inside a TorchScript-compiled function")
     NOT_EQUIVALENT = ("MTP201", "the rewrite computes different values or gradients")
     REWRITE_RAISES = ("MTP202", "the rewrite raises where the loop returns")
     NOT_EXERCISED = ("MTP203", "too few inputs on which the loop runs")

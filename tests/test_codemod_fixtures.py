@@ -53,6 +53,8 @@ SKIPS = {
     "skip_unguarded_division": ("MTP109", "`loss` divides by a sum that is not guarded by `> 0` (the loop gives "
                                           "NaN or a value where the utility gives 0)"),
     "skip_utility_itself": ("MTP118", "a loop inside the loss utility itself"),
+    "skip_torchscript": ("MTP120", "a loop inside a `torch.jit` function: TorchScript cannot compile the utility, "
+                                   "so the module would fail at import"),
 }
 
 

@@ -320,6 +320,7 @@ class SiteFinder(cst.CSTVisitor):
         self._indents: list[str] = [""]
         self._scopes: list = [module]
         self._functions: list[str] = []
+        self._scripted: list[bool] = []  # per enclosing function: decorated with torch.jit.*
 
     def visit_Module(self, node):
         self._visit_block(node.body, node)
@@ -327,10 +328,13 @@ class SiteFinder(cst.CSTVisitor):
     def visit_FunctionDef(self, node):
         self._scopes.append(node)
         self._functions.append(node.name.value)
+        self._scripted.append(any(name.startswith("torch.jit.") for decorator in node.decorators
+                                  for name in self.analysis.qualified(_called(decorator.decorator))))
 
     def leave_FunctionDef(self, node):
         self._scopes.pop()
         self._functions.pop()
+        self._scripted.pop()
 
     def visit_IndentedBlock(self, node):
         indent = self._indents[-1] + (self.module.default_indent if node.indent is None else node.indent)
@@ -346,8 +350,16 @@ class SiteFinder(cst.CSTVisitor):
                 refuse = None
                 if set(self._functions) & set(UTILITY_NAMES):
                     refuse = Refusal(Code.UTILITY_ITSELF, "a loop inside the loss utility itself")
+                elif any(self._scripted):
+                    refuse = Refusal(Code.TORCHSCRIPT, "a loop inside a `torch.jit` function: TorchScript cannot "
+                                                       "compile the utility, so the module would fail at import")
                 self.sites.append(analyze(self.analysis, self._scopes[-1], body, id(node), position,
                                           self._indents[-1], refuse))
+
+
+def _called(decorator: cst.BaseExpression) -> cst.BaseExpression:
+    """``torch.jit.script`` for ``@torch.jit.script`` and for ``@torch.jit.script(...)``."""
+    return decorator.func if isinstance(decorator, cst.Call) else decorator
 
 
 def find_sites(module: cst.Module, analysis: Analysis | None = None) -> list[Site]:
