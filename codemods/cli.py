@@ -238,12 +238,14 @@ class _Interruptible(click.Group):
     """Ctrl-C or SIGTERM: stop within a moment, say so, exit 130 (finished writes stay, none is half-done)."""
 
     def invoke(self, ctx):
-        signal.signal(signal.SIGTERM, _interrupt)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)
+        finally:  # run in-process (a test, an embedding), the caller's handler comes back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(signum, frame):
