@@ -93,7 +93,14 @@ def _single_process_grads():
 
 @pytest.mark.parametrize("wrapper_name", ["ddp", "fsdp2"])
 def test_distributed_gradients_match_loop(wrapper_name, tmp_path):
-    mp.spawn(_worker, args=(wrapper_name, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    try:
+        mp.spawn(_worker, args=(wrapper_name, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    except mp.ProcessExitedException:
+        # gloo sometimes aborts in its own teardown on a loaded machine ("terminate called without an
+        # active exception"), after every rank has saved its results: those are what this test checks.
+        saved = [tmp_path / f"{name}-{rank}.pt" for name in ("reference", "ours") for rank in range(WORLD_SIZE)]
+        if not all(path.is_file() for path in saved):
+            raise
     expected = _single_process_grads()
     for rank in range(WORLD_SIZE):
         ours = torch.load(tmp_path / f"ours-{rank}.pt")
