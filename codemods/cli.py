@@ -30,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from codemods.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from codemods.discovery import discover, shown
+from codemods.emit_tests import test_modules
 from codemods.refusals import Code
 from codemods.report import (
     FileReport,
@@ -48,10 +49,11 @@ DOCS = Path(__file__).parents[1] / "docs"
 OUTPUT_FORMATS = ("text", "json", "github")
 
 
-def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool) -> FileReport:
+def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool, emit_tests: bool) -> FileReport:
     """One file, never raising: bad input becomes an ``error`` report (runs in a worker)."""
     try:
-        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, verify=verify, cache=cache)
+        result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, verify=verify, cache=cache,
+                              emit_tests=emit_tests)
     except MigrationError as error:
         return FileReport(path, "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either
@@ -63,7 +65,8 @@ def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool
         status = "skipped"
     else:
         status = "unchanged"
-    return FileReport(path, status, None, sites, result.source, result.output, rewrote(result))
+    return FileReport(path, status, None, sites, result.source, result.output, rewrote(result), guards=result.guards,
+                      import_root=result.import_root)
 
 
 def _process_all(candidates, options, jobs: int, console: Console) -> list[FileReport]:
@@ -118,7 +121,7 @@ def _vendoring_reports(reports: list[FileReport], utility_module: str) -> list[F
     """The utility module written into each target whose files got a rewrite (never over code we do not own)."""
     writes: dict[Path, tuple[bytes, bytes]] = {}
     for report in reports:
-        if report.rewrote:
+        if report.rewrote and report.status == "changed":
             writes.update(utility_target(Path(report.path).resolve().parent, utility_module).writes)
     return [FileReport(_relative(path), "changed", None, [], old, new, False) for path, (old, new) in sorted(writes.items())]
 
@@ -154,6 +157,9 @@ def _common(function):
         click.option("--no-cache", is_flag=True, help="verify every site again (ignore .mtp_migrate_cache/)"),
         click.option("--utility-module", default=DEFAULT_UTILITY_MODULE, show_default=True,
                      callback=_module_name, help="import path of compute_mtp_ce_loss"),
+        click.option("--emit-tests", metavar="DIR", type=click.Path(path_type=Path, file_okay=False),
+                     help="also write, into DIR, a pytest module per migrated file that checks the utility "
+                          "still computes what each replaced loop computed (torch and pytest only)"),
         *_output_options(),
         click.option("--quiet", "-q", is_flag=True, help="print only errors"),
     ]
@@ -175,8 +181,11 @@ def _module_name(context, parameter, value: str) -> str:
     return value
 
 
-def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, utility_module, output_format,
-         as_json, color, quiet) -> int:
+def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, utility_module, emit_tests,
+         output_format, as_json, color, quiet) -> int:
+    if emit_tests is not None and no_verify:
+        raise click.UsageError("--emit-tests writes the verifier's cases into the tests: it needs verification "
+                               "(drop --no-verify)")
     out, err = consoles(color)
     output_format = "json" if as_json else output_format
     as_json = output_format == "json"
@@ -184,22 +193,27 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
     candidates = list(discover(paths, tuple(include), tuple(exclude)))
     stale = [c.path for c in candidates if c.stale]
     candidates = [c for c in candidates if not c.stale]
-    options = {"rho1": rho1, "utility_module": utility_module, "verify": not no_verify, "cache": not no_cache}
+    options = {"rho1": rho1, "utility_module": utility_module, "verify": not no_verify, "cache": not no_cache,
+               "emit_tests": emit_tests is not None}
     reports = _process_all(candidates, options, jobs, err if output_format == "text" and not quiet else Console(quiet=True))
+    tests = test_modules(reports, emit_tests) if emit_tests is not None else []
+    reports += [module for module, _ in tests]
     reports += _vendoring_reports(reports, utility_module)
     reports.sort(key=lambda report: report.path)
-    changed = [r for r in reports if r.status == "changed"]
     if verb == "diff" and output_format == "text":
-        for report in changed:
-            write_diff(unified_diff(report), out.is_terminal if color == "auto" else color == "always")
+        for report in reports:
+            if report.status == "changed":
+                write_diff(unified_diff(report), out.is_terminal if color == "auto" else color == "always")
     if verb == "apply":
-        for report in changed:
-            try:
-                write_atomic(Path(report.path), report.output, expected=report.source)
-            except MigrationError as error:
-                report.status, report.error = "error", str(error)
-            except OSError as error:
-                report.status, report.error = "error", f"cannot write: {error.strerror or error}"
+        for module, pipeline in tests:  # the evidence first: a file is migrated only with its tests written
+            if module.status == "changed" and not _write(module, make_folder=True):
+                pipeline.status = "error"
+                pipeline.error = f"not migrated: its equivalence tests could not be written ({module.error})"
+        written = {id(module) for module, _ in tests}
+        for report in reports:
+            if report.status == "changed" and id(report) not in written:
+                _write(report)
+    changed = [r for r in reports if r.status == "changed"]
     notes = _clean_up(stale, remove=verb == "apply")
     if not candidates and not stale and any(path.is_dir() for path in paths):
         notes.append(f"no file matches --include {' '.join(include)} under {' '.join(map(str, paths))}")
@@ -217,6 +231,19 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
     if summary["errors"]:
         return 2
     return 1 if changed and verb in ("diff", "check") else 0
+
+
+def _write(report: FileReport, make_folder: bool = False) -> bool:
+    try:
+        if make_folder:
+            Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(report.path), report.output, expected=report.source)
+        return True
+    except MigrationError as error:
+        report.status, report.error = "error", str(error)
+    except OSError as error:
+        report.status, report.error = "error", f"cannot write: {error.strerror or error}"
+    return False
 
 
 def _clean_up(stale: list[Path], remove: bool) -> list[str]:

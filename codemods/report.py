@@ -6,6 +6,7 @@ import difflib
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -22,6 +23,8 @@ class FileReport:
     output: bytes = b""
     rewrote: bool = False
     internal: bool = False  # the error is a bug of ours (exit 3), not the input's
+    guards: list = field(default_factory=list)  # --emit-tests: what the rewritten sites' tests need
+    import_root: Path | None = None
 
     def as_dict(self) -> dict:
         return {"path": self.path, "status": self.status, "error": self.error, "sites": self.sites}

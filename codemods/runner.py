@@ -21,6 +21,7 @@ from codemods.refusals import Refusal
 from codemods.source import MigrationError, check_bytes, parse_source
 from codemods.vendoring import SHIPPED_UTILITY, utility_target
 from codemods.verify import verify_sites
+from codemods.verify.emit import GuardedSite, Recorder
 
 # A file without any of these cannot hold a site: it is never parsed.
 PREFILTER = (b"cross_entropy", b"nll_loss")
@@ -34,6 +35,8 @@ class FileResult:
     source: bytes
     output: bytes
     sites: list[SiteReport] = field(default_factory=list)
+    guards: list[GuardedSite] = field(default_factory=list)  # with emit_tests: the rewritten sites' evidence
+    import_root: Path | None = None  # where the file imports the utility from (None: installed)
 
     @property
     def changed(self) -> bool:
@@ -65,8 +68,11 @@ def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = DEF
 
 
 def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = DEFAULT_UTILITY_MODULE,
-                 verify: bool = True, cache: bool = True) -> FileResult:
-    """Read, check and migrate one file (nothing is written here); an unchanged file is a cache hit."""
+                 verify: bool = True, cache: bool = True, emit_tests: bool = False) -> FileResult:
+    """Read, check and migrate one file (nothing is written here); an unchanged file is a cache hit.
+
+    ``emit_tests`` keeps what the equivalence tests of its rewritten sites need (``verify/emit.py``).
+    """
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -77,7 +83,7 @@ def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = 
     if len(data) > MAX_BYTES:
         raise MigrationError(f"{len(data) >> 10} KiB, over the {MAX_BYTES >> 10} KiB a file may have to be "
                              "analysed: left as it is")
-    return _with_deep_stack(partial(_migrate, path, data, rho1, utility_module, verify, cache))
+    return _with_deep_stack(partial(_migrate, path, data, rho1, utility_module, verify, cache, emit_tests))
 
 
 def _with_deep_stack(work):
@@ -108,18 +114,23 @@ def _with_deep_stack(work):
     return outcome["value"]
 
 
-def _migrate(path: Path, data: bytes, rho1: str, utility_module: str, verify: bool, cache: bool) -> FileResult:
+def _migrate(path: Path, data: bytes, rho1: str, utility_module: str, verify: bool, cache: bool,
+             emit_tests: bool) -> FileResult:
     target = utility_target(path.resolve().parent, utility_module)
     width = project.line_length(path.parent)
     # Outside any project, the cache goes where the command runs (not into every folder).
     store = Cache(project.project_root(path.parent) or Path.cwd()) if cache else None
     key = digest("file", path.name, hashlib.sha256(data).hexdigest(), rho1, utility_module, verify, width,
                  str(target.problem) if target.problem else None)
-    if store is not None and (hit := store.get("files", key)) is not None:
+    # The tests need the programs, not only the verdicts: a file hit has none (site verdicts still hit).
+    if store is not None and not emit_tests and (hit := store.get("files", key)) is not None:
         return FileResult(data, base64.b64decode(hit["output"]), [SiteReport.from_dict(s) for s in hit["sites"]])
+    verifier = default_verifier(store) if verify else None
+    recorder = Recorder(verifier) if verifier is not None and emit_tests else None
     result = migrate_source(data, str(path), rho1=rho1, utility_module=utility_module,
-                            verifier=default_verifier(store) if verify else None, utility_problem=target.problem,
-                            line_length=width)
+                            verifier=recorder or verifier, utility_problem=target.problem, line_length=width)
+    if recorder is not None:
+        result.guards, result.import_root = recorder.sites(result.sites), target.root
     if store is not None:
         store.put("files", key, {"output": base64.b64encode(result.output).decode(),
                                  "sites": [site.as_dict() for site in result.sites]})

@@ -38,6 +38,17 @@ def git_root(path: Path) -> Path:
     return Path(done.stdout.decode("utf-8", "surrogateescape").strip())
 
 
+def revision_of(path: Path) -> str:
+    """The commit ``path`` is migrated from, as the emitted tests' header names it."""
+    head = _git(["rev-parse", "--short", "HEAD"], path.parent)
+    if head.returncode != 0:
+        return "none (not in a git repository with a commit)"
+    revision = head.stdout.decode().strip()
+    if _git(["status", "--porcelain", "--", path.name], path.parent).stdout.strip():
+        revision += " (with uncommitted changes to the file)"
+    return revision
+
+
 def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
     """``{working file: (repository root, its path at revision)}`` for files that differ from ``revision``."""
     changed = {}

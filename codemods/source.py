@@ -124,7 +124,11 @@ def write_atomic(path: Path, data: bytes, expected: bytes | None = None) -> None
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        if status is not None:
+        if status is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)  # a new file gets the mode open() would give it, not mkstemp's 0600
+        else:
             os.chmod(temporary, status.st_mode & 0o7777)
             try:
                 os.chown(temporary, status.st_uid, status.st_gid)

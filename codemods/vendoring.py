@@ -17,7 +17,7 @@ new module is the way out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,6 +43,7 @@ class UtilityTarget:
     module: str
     writes: dict = field(default_factory=dict)  # Path -> (old bytes, new bytes)
     problem: Refusal | None = None
+    root: Path | None = None  # the folder the module is imported from (None: the installed weighted_mtp)
 
 
 def _shipped() -> bytes:
@@ -69,15 +70,14 @@ def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> Uti
     """Resolve ``module`` for files in ``directory`` (looking up to the repository root)."""
     parts = module.split(".")
     for folder in folders_up_to_root(directory):
-        for found, _ in _candidates(folder, parts):
-            if found.is_dir():
-                return _into_package(module, found)
-            return _module_file(module, found)
+        for found, root in _candidates(folder, parts):
+            target = _into_package(module, found) if found.is_dir() else _module_file(module, found)
+            return replace(target, root=root)
         for root in (folder, folder / "src"):
             parent = root.joinpath(*parts[:-1])
             if len(parts) > 1 and (parent / "__init__.py").is_file() and module != DEFAULT_UTILITY_MODULE:
                 path = parent / f"{parts[-1]}.py"
-                return UtilityTarget(module, {path: (b"", _shipped())})
+                return UtilityTarget(module, {path: (b"", _shipped())}, root=root)
     if module == DEFAULT_UTILITY_MODULE:
         return UtilityTarget(module)  # the weighted_mtp installed with mtp-migrate
     return UtilityTarget(module, problem=Refusal(

@@ -66,8 +66,12 @@ def programs(original: cst.Module, written: cst.Module, decisions: list[Decision
 
 
 def verify_sites(original: cst.Module, written: cst.Module, decisions: list[Decision], utility: UtilityImport,
-                 utility_file: str, cache: Cache | None = None) -> dict[int, Refusal | None]:
-    """``{line: None}`` for a site verified equivalent, ``{line: refusal}`` otherwise."""
+                 utility_file: str, cache: Cache | None = None, evidence: dict | None = None
+                 ) -> dict[int, Refusal | None]:
+    """``{line: None}`` for a site verified equivalent, ``{line: refusal}`` otherwise.
+
+    ``evidence``, when given, receives ``{line: (program, compared cases)}`` of every verified site.
+    """
     built, results = programs(original, written, decisions, utility_file, utility.module)
     results = dict(results)
     for program in built:
@@ -81,6 +85,8 @@ def verify_sites(original: cst.Module, written: cst.Module, decisions: list[Deci
                 cache.put("sites", key, verdict)
         results[program.line] = None if verdict["ok"] else Refusal(
             _code(verdict["code"]), verdict["reason"].split(": ", 1)[-1])
+        if verdict["ok"] and evidence is not None:
+            evidence[program.line] = (program, verdict["compared"])
     return results
 
 

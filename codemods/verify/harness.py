@@ -1,0 +1,347 @@
+"""How a verification case runs and is judged: torch only, so that tests emitted into a
+migrated repository (``apply --emit-tests``) carry this very code, verbatim, and judge the
+frozen loop and its replacement exactly as the verifier did.
+
+A program is a function of its inputs that returns ``_mtp_outputs(locals(), value)``.
+``run`` calls it on fresh leaves and collects the named outputs and the gradient of every
+input that requires grad; ``compare`` says where a rewrite's results differ from the
+original's: 1e-9 in fp64; elsewhere, no worse than the original against an fp64 truth.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+TOLERANCE = 1e-9
+LOW_PRECISION_SLACK = 1e-6
+BASE_SHAPE = {"B": 2, "S": 7, "H": 3, "V": 11}  # B differs from H; S leaves every head some positions
+UNBOUND = object()
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of both programs: ``path`` as the pipeline writes it, passed as parameter ``param``."""
+
+    param: str
+    path: str
+    kind: str  # "tensor", "scalar", "dtype", "device"
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Case:
+    """Shapes (B, S, H heads, V), a precision, and a value kind for every input."""
+
+    shape: dict = field(default_factory=lambda: dict(BASE_SHAPE))
+    dtype: torch.dtype = torch.float64
+    choices: dict = field(default_factory=dict)  # input param -> candidate
+    lengths: dict = field(default_factory=dict)  # input param -> S offset of its dimension 1
+    seed: int = 0
+
+    def describe(self, inputs) -> str:
+        shape = " ".join(f"{k}={v}" for k, v in self.shape.items())
+        parts = [shape, str(self.dtype).removeprefix("torch.")]
+        for slot in inputs:
+            choice = self.choices.get(slot.param)
+            parts.append(f"{slot.path}={_show(choice)}")
+            if self.lengths.get(slot.param):
+                parts.append(f"{slot.path} length S{self.lengths[slot.param]:+d}")
+        return ", ".join(parts)
+
+
+def case_id(case: Case) -> str:
+    """A short test id: ``B2-S7-H3-V11-float64``."""
+    return "-".join(f"{k}{v}" for k, v in case.shape.items()) + "-" + str(case.dtype).removeprefix("torch.")
+
+
+def _show(choice) -> str:
+    if isinstance(choice, tuple):
+        kind, offset = choice
+        return str(offset) if kind == "const" else f"{kind}{offset:+d}" if offset else kind
+    return str(choice).removeprefix("torch.")
+
+
+def make_inputs(case: Case, inputs) -> dict:
+    """The argument for every input under ``case`` (fresh tensors: leaves that may require grad)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    arguments = {}
+    for slot in inputs:
+        choice = case.choices[slot.param]
+        if slot.kind == "scalar":
+            kind, offset = choice
+            arguments[slot.param] = offset if kind == "const" else case.shape[kind] + offset
+        elif slot.kind == "device":
+            arguments[slot.param] = torch.device(choice)
+        elif slot.kind == "dtype":
+            arguments[slot.param] = choice
+        else:
+            kind, _, rank = choice.partition("@")
+            rank = int(rank) if rank else 4 if kind == "logits" else slot.rank
+            arguments[slot.param] = _tensor(kind, rank, case, gen, case.lengths.get(slot.param, 0))
+    return arguments
+
+
+def _tensor(kind: str, rank: int | None, case: Case, gen, delta: int) -> torch.Tensor:
+    b, s, h, v = case.shape["B"], case.shape["S"] + delta, case.shape["H"], case.shape["V"]
+    dims = {0: (), 1: (b,), 2: (b, s), 3: (b, s, h), 4: (b, s, h, v)}.get(rank or 2, (b, s, h, v, 2))
+    if kind == "logits":
+        return (3 * torch.randn(dims, generator=gen, dtype=torch.float64)).to(case.dtype).requires_grad_(True)
+    if kind == "scalar":
+        return torch.tensor(1.5, dtype=case.dtype)
+    if kind == "tokens":
+        tokens = torch.randint(0, v, dims, generator=gen)
+        if len(dims) >= 2:
+            tokens[:, :2] = -100  # an ignored prompt
+            tokens[-1, -2:] = -100  # padding
+        return tokens
+    ones = torch.ones(dims, dtype=torch.long)
+    if len(dims) >= 2:
+        ones[-1, -2:] = 0  # padding
+        if dims[1] > 4:
+            ones[0, 4] = 0  # a masked position whose label is not ignored
+    raw = torch.rand(dims, generator=gen, dtype=torch.float64)
+    made = {
+        "mask_long": lambda: ones,
+        "mask_bool": lambda: ones.bool(),
+        "mask_float": lambda: ones.to(case.dtype),
+        "mask_soft": lambda: (raw * ones).to(case.dtype),
+        "mask_segments": lambda: ones * torch.randint(1, 4, dims, generator=gen),
+        "mask_grad": lambda: (raw * ones).to(case.dtype).requires_grad_(True),
+        "weights": lambda: raw.to(case.dtype).requires_grad_(True),
+        "weights_negative": lambda: (4 * raw - 2).to(case.dtype).requires_grad_(True),
+        "weights_large": lambda: (1 + 5 * raw).to(case.dtype).requires_grad_(True),
+        "weights_integer": lambda: torch.randint(0, 4, dims, generator=gen),
+    }
+    return made[kind]()
+
+
+class _Box:
+    """A stand-in for an object the site reads both by attribute and by item."""
+
+    def __init__(self, attrs: dict, items: dict):
+        self.__dict__.update(attrs)
+        self._items = items
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+
+def _mtp_box(attrs: dict, items: dict):
+    if not items:
+        return types.SimpleNamespace(**attrs)
+    return dict(items) if not attrs else _Box(attrs, items)
+
+
+def _mtp_outputs(scope: dict, returned):
+    return returned, dict(scope)
+
+
+class _WidenFloats(TorchFunctionMode):
+    """Every float-to-float cast and float dtype argument becomes fp64: the loop's formula, exactly."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
+            func = torch.Tensor.double
+        args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in _FLOAT_DTYPES else a for a in args)
+        if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"] in _FLOAT_DTYPES:
+            kwargs["dtype"] = torch.float64
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _fp64_truth():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with _WidenFloats():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _leaf_copy(value):
+    if torch.is_tensor(value):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    return value
+
+
+def run(function, arguments: dict, outputs: list[str], truth: bool = False):
+    """``(outputs, grads)``: the named outputs and the gradients of every input that requires grad."""
+    arguments = {k: _leaf_copy(v) for k, v in arguments.items()}
+    if truth:
+        arguments = {k: v.detach().double().requires_grad_(v.requires_grad) if torch.is_tensor(v) and
+                     v.is_floating_point() else v for k, v in arguments.items()}
+    with _fp64_truth() if truth else _nothing():
+        returned, scope = function(**arguments)
+        results = _leaves({"return": returned, **{name: scope.get(name, UNBOUND) for name in outputs}})
+        inputs = {k: v for k, v in arguments.items() if torch.is_tensor(v) and v.requires_grad}
+        differentiable = [v for v in results.values() if torch.is_tensor(v) and v.requires_grad]
+        grads = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in inputs.items()}
+        if differentiable and inputs:
+            total = sum((i + 2) * v.double().sum() for i, v in enumerate(differentiable))
+            found = torch.autograd.grad(total, list(inputs.values()), allow_unused=True)
+            for key, grad in zip(inputs, found, strict=True):
+                if grad is not None:
+                    grads[key] = grad.detach().double()
+    return results, grads
+
+
+def _leaves(outputs: dict) -> dict:
+    """Outputs with tuples, lists and dicts spread into named leaves (``return[0]``, ``metrics['loss']``)."""
+    flat = {}
+
+    def walk(name, value):
+        if isinstance(value, tuple | list):
+            flat[f"{name}:structure"] = f"{type(value).__name__} of {len(value)}"
+            for index, item in enumerate(value):
+                walk(f"{name}[{index}]", item)
+        elif isinstance(value, dict):
+            flat[f"{name}:structure"] = repr(sorted(map(repr, value)))
+            for key, item in value.items():
+                walk(f"{name}[{key!r}]", item)
+        else:
+            flat[name] = value
+
+    for name, value in outputs.items():
+        walk(name, value)
+    return flat
+
+
+def _as_tensor(value):
+    if torch.is_tensor(value):
+        return value.detach().double()
+    if isinstance(value, bool | int | float):
+        return torch.tensor(float(value), dtype=torch.float64)
+    return None
+
+
+def _difference(new, old) -> float | str:
+    """The largest absolute difference, or a reason they cannot be compared."""
+    if old is UNBOUND:
+        return 0.0
+    if new is UNBOUND:
+        return "leaves it unbound"
+    if torch.is_tensor(old) and not torch.is_tensor(new):
+        return f"is a {type(new).__name__}, not a tensor"
+    a, b = _as_tensor(new), _as_tensor(old)
+    if a is None or b is None:
+        return 0.0 if new == old else "differs"
+    if a.shape != b.shape:
+        return f"has shape {tuple(a.shape)}, not {tuple(b.shape)}"
+    if not a.numel():
+        return 0.0
+    difference = (a - b).abs()
+    both_nan = a.isnan() & b.isnan()
+    both_inf = (a == b) & a.isinf()
+    difference = torch.where(both_nan | both_inf, torch.zeros_like(difference), difference)
+    return float(difference.max())
+
+
+def _scale(value) -> float:
+    tensor = _as_tensor(value) if value is not UNBOUND else None
+    if tensor is None or not tensor.numel():
+        return 1.0
+    finite = tensor[tensor.isfinite()]
+    return 1.0 + (float(finite.abs().max()) if finite.numel() else 0.0)
+
+
+def _pairs(new, old, paths: dict[str, str]):
+    outputs_new, grads_new = new
+    outputs_old, grads_old = old
+    pairs = [(f"`{name}`", outputs_new.get(name, UNBOUND), value) for name, value in outputs_old.items()]
+    pairs += [(f"the gradient of `{paths.get(name, name)}`", grads_new.get(name, torch.zeros_like(g)), g)
+              for name, g in grads_old.items()]
+    return pairs
+
+
+def is_trivial(result) -> bool:
+    """Every floating output and every gradient is zero: the site computed no loss on this input."""
+    outputs, grads = result
+    for value in (*outputs.values(), *grads.values()):
+        floating = (torch.is_tensor(value) and value.is_floating_point()) or isinstance(value, float)
+        tensor = _as_tensor(value) if floating else None
+        if tensor is not None and tensor.numel() and bool((tensor != 0).any()):
+            return False
+    return True
+
+
+def _precision(case: Case, arguments: dict) -> float:
+    """The machine epsilon of the least precise float type in the case (fp64's if none is lower)."""
+    dtypes = {case.dtype, *(v for v in arguments.values() if isinstance(v, torch.dtype) and v.is_floating_point)}
+    dtypes |= {v.dtype for v in arguments.values() if torch.is_tensor(v) and v.is_floating_point()}
+    return max(torch.finfo(dtype).eps for dtype in dtypes)
+
+
+def compare(new, old, truth, case: Case, arguments: dict, inputs) -> str | None:
+    """Where the rewrite's ``new`` results differ from the original's ``old``, or ``None``.
+
+    ``truth()`` runs the original in fp64; it is called only when the results are not exact.
+    """
+    paths = {slot.param: slot.path for slot in inputs}
+    pairs = _pairs(new, old, paths)
+    exact = True
+    for label, got, want in pairs:
+        difference = _difference(got, want)
+        if isinstance(difference, str):
+            return f"{label} {difference}"
+        if difference > TOLERANCE * _scale(want):
+            exact = False
+    if exact:
+        return None
+    reference = old
+    with suppress(Exception):  # an original that cannot run widened to fp64 is its own truth
+        reference = truth()
+    epsilon = _precision(case, arguments)
+    slack = TOLERANCE if epsilon <= torch.finfo(torch.float64).eps else LOW_PRECISION_SLACK
+    for (label, got, want), (_, fp64, _) in zip(pairs, _pairs(reference, reference, paths), strict=True):
+        new_error, old_error = _difference(got, fp64), _difference(want, fp64)
+        if isinstance(new_error, str) or isinstance(old_error, str):
+            return f"{label} cannot be compared with the fp64 truth"
+        within_rounding = epsilon > slack and _difference(got, want) <= 2 * epsilon * _scale(want)
+        if new_error > 1.25 * old_error + slack * _scale(fp64) and not within_rounding:
+            return f"{label} differs by {_difference(got, want):.3g} (error {new_error:.3g} against fp64, " \
+                   f"the loop's {old_error:.3g})"
+    return None
+
+
+@contextmanager
+def importable_from(root: Path | None):
+    """Imports resolve as they do for the pipeline: ``root`` (where its packages live) first."""
+    if root is None:
+        yield
+        return
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
+
+
+def check(original, rewritten, inputs, outputs: list[str], case: Case, import_root: Path | None = None) -> None:
+    """Assert that ``rewritten`` computes what ``original`` computes on ``case``: values and gradients."""
+    arguments = make_inputs(case, inputs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only cost (20x)
+    try:
+        with importable_from(import_root):
+            old = run(original, arguments, outputs)
+            new = run(rewritten, arguments, outputs)
+            problem = compare(new, old, lambda: run(original, arguments, outputs, truth=True), case, arguments,
+                              inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert problem is None, f"{problem} (on {case.describe(inputs)})"
