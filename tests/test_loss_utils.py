@@ -442,3 +442,20 @@ def test_an_empty_batch_and_narrow_integer_labels_read_as_cross_entropy_reads_th
     narrow = compute_mtp_ce_loss(logits, labels.to(torch.uint8), attention_mask, weights)
     for key in ("weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss"):
         torch.testing.assert_close(narrow[key], wide[key], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mask_ignored_labels", [True, False])
+def test_non_finite_logits_at_an_ignored_label_count_zero_as_cross_entropy_counts_them(mask_ignored_labels):
+    """Padding rows whose attention was fully masked come out NaN; cross_entropy gives exactly 0 at an
+    ignored label whatever the logits, so the loss must stay the loop's, not NaN."""
+    logits, labels, attention_mask, weights = make_batch(2, 7, 3, 11)
+    labels[1, -3:] = -100
+    logits = logits.detach().clone()
+    logits[1, -4:-1] = float("nan")  # every head's row whose label (t + k) is one of those ignored
+    logits[1, -4:-1, :, 0] = float("-inf")
+    with torch.no_grad():
+        ours = compute_mtp_ce_loss(logits, labels, attention_mask, weights, mask_ignored_labels=mask_ignored_labels)
+        loop = reference_mtp_ce_loss(logits, labels, attention_mask, weights, mask_ignored_labels=mask_ignored_labels)
+    for key in ("weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss"):
+        assert torch.isfinite(loop[key]).all()
+        torch.testing.assert_close(ours[key], loop[key], atol=1e-12, rtol=0)

@@ -265,7 +265,7 @@ class _MTPCrossEntropy(torch.autograd.Function):
                 target_logit = chunk.gather(-1, targets[k - 1, :, t0:t1, None]).squeeze(-1)
                 lse[k - 1, :, t0:t1] = chunk_lse
                 ce[k - 1, :, t0:t1] = chunk_lse - target_logit
-        ce.mul_(label_ok)
+        ce.masked_fill_(label_ok == 0, 0.0)  # exactly 0, as cross_entropy gives, even for NaN logits
         if mask_ignored_labels:
             mask.mul_(label_ok)
         if weights is None:
