@@ -459,3 +459,24 @@ def test_non_finite_logits_at_an_ignored_label_count_zero_as_cross_entropy_count
     for key in ("weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss"):
         assert torch.isfinite(loop[key]).all()
         torch.testing.assert_close(ours[key], loop[key], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("seq", "n_future"), [(1, 4), (2, 4), (3, 5), (4, 4), (4, 9)])
+@pytest.mark.parametrize("weights", ["2d", "3d"])
+def test_n_future_above_the_heads_where_the_extra_heads_have_no_position(seq, n_future, weights):
+    """docs/semantics.md: the loop never indexes a head with no position (k >= S), so n_future may
+    exceed the logits' heads there; those heads count as empty in the average."""
+    logits, labels, attention_mask, weight_tensor = make_batch(2, seq, 3, 11, weights=weights, ignored_prefix=0,
+                                                               padding=0)
+    alignment = {"2d": "target", "3d": "input"}[weights]
+    ours = losses_and_grads(compute_mtp_ce_loss, logits, labels, attention_mask, weight_tensor, n_future=n_future,
+                            weight_alignment=alignment)
+    loop = losses_and_grads(reference_mtp_ce_loss, logits, labels, attention_mask, weight_tensor,
+                            n_future=n_future, weight_alignment=alignment)
+    assert_same(ours, loop, atol=1e-12)
+
+
+def test_n_future_above_the_heads_with_a_position_to_read_is_refused():
+    logits, labels, attention_mask, _ = make_batch(2, 5, 3, 11)
+    with pytest.raises(ValueError, match=r"n_future must be an int in \[1, 3\].*k >= seq = 5"):
+        compute_mtp_ce_loss(logits, labels, attention_mask, n_future=4)

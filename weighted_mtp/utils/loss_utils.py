@@ -76,7 +76,9 @@ def compute_mtp_ce_loss(
             (0/1, bool, soft or segment ids), not binarised.
         weights: ``None``, ``[B, S]`` or ``[B, S, n]`` per-token weights of any real dtype
             (bool, integer or floating); their values are used as they are.
-        n_future: number of heads to use (the first ``n_future``); default all.
+        n_future: number of heads to use (the first ``n_future``); default all. Above
+            ``n_heads`` only when the heads past it have no position (``k >= S``): they count
+            as empty heads, as the loop counts them.
         chunk_size: rows (batch x positions) per chunk; ``None`` picks a size that keeps
             the chunk's fp32 buffers near 16 MiB.
         overwrite_logits: **the contents of ``logits`` are undefined after backward.**
@@ -151,8 +153,10 @@ def _validate(logits, labels, attention_mask, weights, *, n_future, ignore_index
         )
     if n_future is None:
         n_future = n_heads
-    if isinstance(n_future, bool) or not isinstance(n_future, int) or not 1 <= n_future <= n_heads:
-        raise ValueError(f"n_future must be an int in [1, {n_heads}] (logits.shape[2]), got {n_future!r}")
+    if isinstance(n_future, bool) or not isinstance(n_future, int) or n_future < 1 or \
+            min(n_future, seq - 1) > n_heads:  # a head with no position (k >= seq) is never read, as in the loop
+        raise ValueError(f"n_future must be an int in [1, {n_heads}] (logits.shape[2]), or above only for heads "
+                         f"with no position (k >= seq = {seq}), got {n_future!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     _check_choice("weight_alignment", weight_alignment, _WEIGHT_ALIGNMENTS)
@@ -172,9 +176,10 @@ def _validate(logits, labels, attention_mask, weights, *, n_future, ignore_index
             if weights.shape != (batch, seq):
                 raise ValueError(f"2-D weights must have shape {(batch, seq)}, got {tuple(weights.shape)}")
         elif weights.dim() == 3:
-            if weights.shape[:2] != (batch, seq) or weights.shape[2] < n_future:
+            if weights.shape[:2] != (batch, seq) or weights.shape[2] < min(n_future, n_heads):
                 raise ValueError(
-                    f"3-D weights must have shape ({batch}, {seq}, >={n_future}), got {tuple(weights.shape)}"
+                    f"3-D weights must have shape ({batch}, {seq}, >={min(n_future, n_heads)}), got "
+                    f"{tuple(weights.shape)}"
                 )
             if weight_alignment != "input":
                 raise ValueError(
@@ -375,8 +380,8 @@ def _logits_grad(logits, lse, targets, ce_grad, overwrite_logits, positions_per_
     With ``overwrite_logits`` the buffer is the logits' own storage: each chunk is read
     once and then overwritten by its gradient.
     """
-    seq = logits.shape[1]
-    n_future = lse.shape[0]
+    seq, n_heads = logits.shape[1:3]
+    n_future = min(lse.shape[0], n_heads)  # heads past the logits' have no position
     compute_dtype = lse.dtype
     grad = logits.detach() if overwrite_logits else torch.empty_like(logits)
     grad[:, :, n_future:, :].zero_()
