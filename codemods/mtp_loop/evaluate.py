@@ -44,6 +44,8 @@ class LoopEvaluator(ExpressionEvaluator):
                 a.keyword or a.star for a in loop.iter.args):
             raise Refusal(Code.LOOP_HEADER, f"the head loop iterates over `{code(loop.iter)}`, not range(...)")
         args = [a.value for a in loop.iter.args]
+        if len(args) == 3 and literal_int(args[2]) == 1:
+            args = args[:2]  # an explicit step of 1
         self.loop_name = loop.target.value
         if len(args) == 2 and literal_int(args[0]) == 1 and m.matches(
                 args[1], m.BinaryOperation(operator=m.Add())) and literal_int(args[1].right) == 1:

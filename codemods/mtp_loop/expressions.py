@@ -36,6 +36,8 @@ CROSS_ENTROPY = "torch.nn.functional.cross_entropy"
 NLL_LOSS = "torch.nn.functional.nll_loss"
 LOG_SOFTMAX = {"torch.nn.functional.log_softmax", "torch.log_softmax"}
 TORCH_SUM = "torch.sum"
+_ARITHMETIC_METHODS = {"mul": cst.Multiply, "multiply": cst.Multiply, "div": cst.Divide, "divide": cst.Divide,
+                       "true_divide": cst.Divide}
 FLOAT_DTYPES = {f"torch.{name}" for name in ("float", "float32", "float64", "double", "float16", "half", "bfloat16")}
 BOOL_DTYPE = "torch.bool"
 _PRECISION_METHODS = {"float", "double", "half", "bfloat16", "cpu", "cuda"}
@@ -203,6 +205,9 @@ class ExpressionEvaluator:
         if method in ("clamp", "clamp_min", "clip") and isinstance(receiver, Total):
             raise Refusal(Code.GUARD, f"a clamped denominator `{code(node)}` differs from the utility's `> 0` "
                                       "guard on fractional masks")
+        if method in _ARITHMETIC_METHODS and len(args) == 1 and args[0].keyword is None and not args[0].star:
+            # `a.mul(b)` is `a * b` and `a.div(b)` is `a / b` (true division) for tensors
+            return self.binary(cst.BinaryOperation(node.func.value, _ARITHMETIC_METHODS[method](), args[0].value))
         op = self._op(node, method, args)
         if op is not None:
             return self._apply(receiver, op, node)
@@ -332,12 +337,23 @@ class ExpressionEvaluator:
         return None
 
     # -- cross-entropy
-    def cross_entropy_call(self, node: cst.Call):
-        positional = [a for a in node.args if a.keyword is None]
+    @staticmethod
+    def _input_and_target(node: cst.Call) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
+        """``([input, target], options)`` of a loss call, by position or by keyword, or ``([], {})``."""
+        if any(a.star for a in node.args):
+            return [], {}
+        positional = [a.value for a in node.args if a.keyword is None]
         keywords = {a.keyword.value: a.value for a in node.args if a.keyword is not None}
-        if len(positional) != 2 or any(a.star for a in node.args):
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy must take the logits and labels positionally "
-                                                       "and its options by keyword")
+        for name in ("input", "target")[len(positional):]:
+            if name in keywords:
+                positional.append(keywords.pop(name))
+        return positional, keywords
+
+    def cross_entropy_call(self, node: cst.Call):
+        positional, keywords = self._input_and_target(node)
+        if len(positional) != 2:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy must take the logits and labels (by position "
+                                                       "or as input= and target=) and its options by keyword")
         self._check_keywords(keywords, {"reduction", "ignore_index", "label_smoothing", "weight"})
         if not _is_zero(keywords.get("label_smoothing", cst.Integer("0"))):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `label_smoothing` has no equivalent "
@@ -345,17 +361,17 @@ class ExpressionEvaluator:
         if "weight" in keywords and not m.matches(keywords["weight"], m.Name("None")):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `weight` (class weights) has no "
                                                        "equivalent in the utility")
-        return self._per_token_loss(self.value(positional[0].value), self.value(positional[1].value),
+        return self._per_token_loss(self.value(positional[0]), self.value(positional[1]),
                                     keywords.get("ignore_index"), node)
 
     def nll_call(self, node: cst.Call):
-        positional = [a for a in node.args if a.keyword is None]
-        keywords = {a.keyword.value: a.value for a in node.args if a.keyword is not None}
+        positional, keywords = self._input_and_target(node)
         if len(positional) != 2:
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "nll_loss must take its input and target positionally")
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "nll_loss must take its input and target (by position or "
+                                                       "as input= and target=)")
         self._check_keywords(keywords, {"reduction", "ignore_index"})
-        log_probs = self._log_softmax(positional[0].value)
-        return self._per_token_loss(log_probs, self.value(positional[1].value), keywords.get("ignore_index"), node)
+        log_probs = self._log_softmax(positional[0])
+        return self._per_token_loss(log_probs, self.value(positional[1]), keywords.get("ignore_index"), node)
 
     def _log_softmax(self, node: cst.BaseExpression):
         if isinstance(node, cst.Call) and self.qualified(node.func) & LOG_SOFTMAX:
