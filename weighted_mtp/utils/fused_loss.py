@@ -38,7 +38,7 @@ __all__ = ["compute_mtp_ce_loss_from_hidden"]
 
 # A bf16 chunk holds its logits, their fp32 upcast and the bf16 gradient (4 bytes for each
 # 1 of L): 1/64 of the logits per chunk keeps the loss's own memory under 0.05 L.
-_FUSED_CHUNK_FRACTION = 64
+_FUSED_CHUNK_FRACTION = 128
 
 
 def compute_mtp_ce_loss_from_hidden(
@@ -95,14 +95,15 @@ def compute_mtp_ce_loss_from_hidden(
         target = labels[:, k:]
         label_ok[k - 1, :, :seq - k] = target != ignore_index
         targets[k - 1, :, :seq - k] = torch.where(label_ok[k - 1, :, :seq - k], target, 0)
-    def per_head(values_of_head):  # [n, B, S], differentiable, zero past each head's positions
+
+    def per_head(values, select):  # [n, B, S], zero past each head's positions; one cast, one rounded gradient
+        values = values.to(compute_dtype)
         return torch.stack([
-            F.pad(values_of_head(k, seq - k).to(compute_dtype), (0, k)) if k < seq
-            else hidden.new_zeros((batch, seq), dtype=compute_dtype)
+            F.pad(select(values, k, seq - k), (0, k)) if k < seq else values.new_zeros((batch, seq))
             for k in range(1, n_future + 1)
         ])
 
-    mask = per_head(lambda k, length: attention_mask[:, k:])
+    mask = per_head(attention_mask, lambda mask, k, length: mask[:, k:])
     if mask_ignored_labels:
         mask = mask * label_ok
     heads = (1, 2)
@@ -110,7 +111,7 @@ def compute_mtp_ce_loss_from_hidden(
     if weights is None:
         weighted_mask = mask
     else:
-        weighted_mask = per_head(lambda k, length: _aligned_weights(weights, k, length, weight_alignment)) * mask
+        weighted_mask = per_head(weights, lambda w, k, length: _aligned_weights(w, k, length, weight_alignment)) * mask
     denominator = mask_sum if normalize == "mask" else weighted_mask.sum(dim=heads)
     if head_average == "all":
         heads_counted = n_future
@@ -179,17 +180,19 @@ class _HiddenCrossEntropy(torch.autograd.Function):
         ce = torch.zeros_like(lse)
         ctx.positions = _positions_per_chunk(hidden, weight, chunk_size)
         needs = ctx.needs_input_grad[:3]
-        grads = _zero_grads(hidden, weight, bias, needs, compute_dtype) if coefficients is not None and any(needs) else None
+        grads = None
+        if coefficients is not None and any(needs):
+            grads = _zero_grads(hidden, weight, bias, needs, compute_dtype)
         for k, t0, t1 in _chunks(targets.shape[0], seq, ctx.positions):
-            logits = F.linear(hidden[:, t0:t1, k - 1, :], weight, bias)
-            target = targets[k - 1, :, t0:t1, None]
+            rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
+            target = targets[k - 1, :, t0:t1].reshape(-1, 1)
             peak = logits.amax(dim=-1, keepdim=True).to(compute_dtype)
             chunk_lse = _upcast_minus(logits, peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
-            lse[k - 1, :, t0:t1] = chunk_lse
-            ce[k - 1, :, t0:t1] = chunk_lse - logits.gather(-1, target).squeeze(-1)
+            lse[k - 1, :, t0:t1] = chunk_lse.view(batch, t1 - t0)
+            ce[k - 1, :, t0:t1] = (chunk_lse - logits.gather(-1, target).squeeze(-1)).view(batch, t1 - t0)
             if grads is not None:
-                coef = (coefficients[k - 1, :, t0:t1] * label_ok[k - 1, :, t0:t1])[..., None]
-                _accumulate(grads, hidden, weight, logits, chunk_lse[..., None], target, coef, k, t0, t1)
+                coef = (coefficients[k - 1, :, t0:t1] * label_ok[k - 1, :, t0:t1]).reshape(-1, 1)
+                _accumulate(grads, weight, rows, logits, chunk_lse[:, None], target, coef, k, t0, t1)
         ce.mul_(label_ok)
         if any(needs):  # else (no_grad, frozen inputs) keep nothing for a backward
             ctx.save_for_backward(hidden, weight, bias, targets, label_ok, lse, coefficients)
@@ -206,50 +209,64 @@ class _HiddenCrossEntropy(torch.autograd.Function):
             )
         hidden, weight, bias, targets, label_ok, lse, coefficients = ctx.saved_tensors
         grads, ctx.precomputed = ctx.precomputed, None  # the buffers become the gradients: use them once
-        pending = None if grad_ce is None else grad_ce.to(lse.dtype)
-        if grads is not None:
+        if grads is not None and grad_ce is None:  # only the weighted loss: scale what forward computed
             for grad in grads:
                 if grad is not None:
                     grad.mul_(0 if grad_carrier is None else grad_carrier)
-        else:
+            pending = None
+        else:  # one pass for every output (adding to the precomputed bf16 gradient would round twice)
+            grads = None  # freed before the new buffers exist
             grads = _zero_grads(hidden, weight, bias, ctx.needs_input_grad[:3], lse.dtype)
+            pending = torch.zeros_like(lse) if grad_ce is None else grad_ce.to(lse.dtype)
             if grad_carrier is not None and coefficients is not None:
-                scaled = coefficients * grad_carrier
-                pending = scaled if pending is None else pending + scaled
+                pending += coefficients * grad_carrier
         if pending is not None:
             pending.mul_(label_ok)
             for k, t0, t1 in _chunks(targets.shape[0], hidden.shape[1], ctx.positions):
-                logits = F.linear(hidden[:, t0:t1, k - 1, :], weight, bias)
-                _accumulate(grads, hidden, weight, logits, lse[k - 1, :, t0:t1, None],
-                            targets[k - 1, :, t0:t1, None], pending[k - 1, :, t0:t1, None], k, t0, t1)
+                rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
+                _accumulate(grads, weight, rows, logits, lse[k - 1, :, t0:t1].reshape(-1, 1),
+                            targets[k - 1, :, t0:t1].reshape(-1, 1), pending[k - 1, :, t0:t1].reshape(-1, 1),
+                            k, t0, t1)
         grad_hidden, grad_weight, grad_bias = grads
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+
+
+def _chunk_logits(hidden, weight, bias, k, t0, t1):
+    """Head ``k``'s rows ``[B * (t1 - t0), D]`` at positions ``t0:t1`` and their logits.
+
+    One ``addmm`` on contiguous rows: ``F.linear`` on the strided 3-D view would round the
+    product to bf16 before adding the bias, less accurate than the logits path.
+    """
+    rows = hidden[:, t0:t1, k - 1, :].reshape(-1, hidden.shape[-1])
+    return rows, rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
 
 
 def _zero_grads(hidden, weight, bias, needs, compute_dtype):
-    """Gradient buffers of ``hidden``, ``weight`` and ``bias`` (``None`` where not needed)."""
+    """Gradient buffers of ``hidden``, ``weight`` and ``bias`` (``None`` where not needed).
+
+    The unembedding's and the bias's sum over every chunk, so they accumulate in the compute
+    dtype: bf16 sums of 64+ chunks lose to the logits path's single matmul.
+    """
     return (
         torch.zeros_like(hidden) if needs[0] else None,
-        torch.zeros_like(weight) if needs[1] else None,
-        torch.zeros_like(bias, dtype=compute_dtype) if needs[2] else None,  # V elements: accumulate exactly
+        torch.zeros_like(weight, dtype=compute_dtype) if needs[1] else None,
+        torch.zeros_like(bias, dtype=compute_dtype) if needs[2] else None,
     )
 
 
-def _accumulate(grads, hidden, weight, logits, lse, target, coef, k, t0, t1):
+def _accumulate(grads, weight, rows, logits, lse, target, coef, k, t0, t1):
     """Add one chunk's ``(softmax - onehot) * coef`` to the gradients; consumes ``logits``."""
     grad_hidden, grad_weight, grad_bias = grads
     grad = logits.sub_(lse) if logits.dtype == lse.dtype else _upcast_minus(logits, lse)
     grad.exp_().mul_(coef).scatter_add_(-1, target, -coef)
     if grad_bias is not None:
-        grad_bias += grad.sum(dim=(0, 1))
-    grad = grad.to(hidden.dtype)
-    if grad_hidden is not None:
-        grad_hidden[:, t0:t1, k - 1, :] += grad @ weight
+        grad_bias += grad.sum(dim=0)
     if grad_weight is not None:
-        rows = hidden[:, t0:t1, k - 1, :]
-        grad_weight.addmm_(grad.reshape(-1, weight.shape[0]).T, rows.reshape(-1, weight.shape[1]))
+        grad_weight.addmm_(grad.T, rows.to(grad.dtype))
+    if grad_hidden is not None:
+        batch = grad_hidden.shape[0]
+        grad_hidden[:, t0:t1, k - 1, :] += (grad.to(weight.dtype) @ weight).view(batch, t1 - t0, weight.shape[1])
 
 
 def _positions_per_chunk(hidden, weight, chunk_size) -> int:
