@@ -13,9 +13,10 @@ coef`` from the chunk it already holds and accumulates the gradients of the late
 unembedding and its bias; backward only scales them. The other two outputs (and a second
 backward under ``retain_graph``) recompute the chunks' logits in backward instead: holding
 a precomputed unembedding gradient for each of them would cost ``n + 1`` gradients.
-Measured on 2 CPU cores (B=4 S=256 n=4 D=512 V=4096, against "linear + compute_mtp_ce_loss"):
-recomputing in backward took 1.5x (fp32) and 1.27x (bf16) the time, precomputing 1.1x and
-1.0x; peak memory is the gradients plus one chunk either way.
+Measured on CPU, one thread, B=4 S=256 n=4 D=512 V=4096, against "linear +
+compute_mtp_ce_loss": recomputing everything in backward took 1.31x (fp32) and 1.40x (bf16)
+its time, precomputing 1.06x and 1.25x. Memory is the same by construction: the gradients
+and one chunk either way.
 
 Torch only, like ``loss_utils.py``, whose validation and helpers it reuses.
 """
