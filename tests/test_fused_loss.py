@@ -121,6 +121,18 @@ def test_bf16_error_no_worse_than_logits_path(objective):
     assert (ours[0]["weighted_ce_loss"].double() - exact[0]["weighted_ce_loss"]).abs() < 1e-3
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.long, torch.uint8, torch.bool])
+@pytest.mark.parametrize("normalize", ["mask", "weights"])
+def test_integer_and_bool_weights_match_logits_path(weight_dtype, normalize):
+    _, labels, attention_mask, float_weights = make_batch(3, 7, 3, 6, seed=9)
+    integer_weights = torch.randint(0, 2 if weight_dtype == torch.bool else 4, float_weights.shape,
+                                    generator=torch.Generator().manual_seed(1)).to(weight_dtype)
+    inputs = (*unembedding(3, 7, 3, 6, 4, seed=9), labels, attention_mask, integer_weights)
+    for objective in ("weighted", "mix"):
+        ours = outputs_and_grads(fused, objective, *inputs, normalize=normalize, chunk_size=4)
+        assert_same(ours, outputs_and_grads(logits_path, objective, *inputs, normalize=normalize), atol=1e-12)
+
+
 class _LargestStorage(TorchDispatchMode):
     """The largest storage any op returns, in bytes (an ``expand`` allocates nothing)."""
 
