@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from distributed_helpers import WORLD_SIZE, WRAPPERS, full_grads, spawn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mtp_reference import reference_mtp_ce_loss
 from test_loss_utils import OUTPUTS, make_batch, problems
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
@@ -216,6 +217,22 @@ def test_empty_batch_narrow_labels_and_no_positions():
     out = fused(hidden, weight, bias, labels[:, :1].clamp_max(4), attention_mask[:, :1], weights[:, :1])
     (out["weighted_ce_loss"] + out["unweighted_ce_loss"]).backward()
     assert float(out["weighted_ce_loss"].detach()) == 0.0 and torch.count_nonzero(hidden.grad) == 0
+
+
+@pytest.mark.parametrize("mask_ignored_labels", [True, False])
+def test_non_finite_latents_at_an_ignored_label_count_zero_as_cross_entropy_counts_them(mask_ignored_labels):
+    """Fully masked padding rows can come out NaN; cross_entropy gives 0 at an ignored label whatever the logits."""
+    _, labels, attention_mask, weights = make_batch(2, 7, 3, 11)
+    labels[1, -3:] = -100
+    hidden, weight, bias = unembedding(2, 7, 3, 11, 4)
+    hidden[1, -4:-1] = float("nan")  # every head's row whose label (t + k) is one of those ignored
+    with torch.no_grad():
+        ours = fused(hidden, weight, bias, labels, attention_mask, weights, mask_ignored_labels=mask_ignored_labels)
+        loop = reference_mtp_ce_loss(F.linear(hidden, weight, bias), labels, attention_mask, weights,
+                                     mask_ignored_labels=mask_ignored_labels)
+    for key in OUTPUTS:
+        assert torch.isfinite(loop[key]).all()
+        torch.testing.assert_close(ours[key], loop[key], atol=1e-12, rtol=0)
 
 
 def _bad_calls():

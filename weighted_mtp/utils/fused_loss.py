@@ -197,7 +197,7 @@ class _HiddenCrossEntropy(torch.autograd.Function):
             if grads is not None:
                 coef = (coefficients[k - 1, :, t0:t1] * label_ok[k - 1, :, t0:t1]).reshape(-1, 1)
                 _accumulate(grads, weight, rows, logits, chunk_lse[:, None], target, coef, k, t0, t1)
-        ce.mul_(label_ok)
+        ce.masked_fill_(~label_ok, 0.0)  # exactly 0, as cross_entropy gives, even for NaN latents
         if any(needs):  # else (no_grad, frozen inputs) keep nothing for a backward
             ctx.save_for_backward(hidden, weight, bias, targets, label_ok, lse, coefficients)
             ctx.precomputed = grads
