@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(PYTHON) -m pytest
 
 bench: $(STAMP)
-	$(PYTHON) benchmarks/bench_loss.py
+	$(PYTHON) benchmarks/bench_loss.py --width 0 --reps 3 --threads 1
+	$(PYTHON) benchmarks/bench_loss.py --reps 3 --threads 1
 	$(PYTHON) benchmarks/bench_codemod.py
 
 clean:

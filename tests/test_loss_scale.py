@@ -8,15 +8,13 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_helpers import WORLD_SIZE, WRAPPERS, full_grads, spawn
 from mtp_reference import reference_mtp_ce_loss
 from torch.utils.checkpoint import checkpoint
 
 from weighted_mtp.utils import compute_mtp_ce_loss
 
 BATCH, SEQ, HEADS, VOCAB, HIDDEN = 2, 9, 3, 11, 8
-WORLD_SIZE = 2
 
 
 class TinyMTPHead(torch.nn.Module):
@@ -52,34 +50,12 @@ def _train_step(rank, wrap, implementation, out_dir):
     hidden, labels, attention_mask, weights = rank_batch(rank)
     loss = loss_of(implementation, model(hidden), labels, attention_mask, weights)
     loss.backward()
-    grads = {}
-    for name, param in model.named_parameters():
-        grad = param.grad
-        grads[name.removeprefix("module.")] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-    torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"{implementation}-{rank}.pt"))
+    torch.save({"loss": loss.detach(), "grads": full_grads(model)}, os.path.join(out_dir, f"{implementation}-{rank}.pt"))
 
 
-def _ddp(model):
-    return torch.nn.parallel.DistributedDataParallel(model)
-
-
-def _fsdp2(model):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
-    return model
-
-
-def _worker(rank, wrapper_name, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
-    try:
-        wrap = {"ddp": _ddp, "fsdp2": _fsdp2}[wrapper_name]
-        for implementation in ("reference", "ours"):
-            _train_step(rank, wrap, implementation, out_dir)
-        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort under load)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, wrapper_name, out_dir):
+    for implementation in ("reference", "ours"):
+        _train_step(rank, WRAPPERS[wrapper_name], implementation, out_dir)
 
 
 def _single_process_grads():
@@ -93,14 +69,8 @@ def _single_process_grads():
 
 @pytest.mark.parametrize("wrapper_name", ["ddp", "fsdp2"])
 def test_distributed_gradients_match_loop(wrapper_name, tmp_path):
-    try:
-        mp.spawn(_worker, args=(wrapper_name, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
-    except mp.ProcessExitedException:
-        # gloo sometimes aborts in its own teardown on a loaded machine ("terminate called without an
-        # active exception"), after every rank has saved its results: those are what this test checks.
-        saved = [tmp_path / f"{name}-{rank}.pt" for name in ("reference", "ours") for rank in range(WORLD_SIZE)]
-        if not all(path.is_file() for path in saved):
-            raise
+    saved = [tmp_path / f"{name}-{rank}.pt" for name in ("reference", "ours") for rank in range(WORLD_SIZE)]
+    spawn(_worker, (wrapper_name, str(tmp_path)), tmp_path, saved)
     expected = _single_process_grads()
     for rank in range(WORLD_SIZE):
         ours = torch.load(tmp_path / f"ours-{rank}.pt")
