@@ -235,6 +235,19 @@ def test_non_finite_latents_at_an_ignored_label_count_zero_as_cross_entropy_coun
         torch.testing.assert_close(ours[key], loop[key], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("objective", ["weighted", "mix"])
+@pytest.mark.parametrize(("seq", "n_future"), [(1, 4), (3, 5), (4, 4), (4, 9)])
+def test_n_future_above_the_heads_where_the_extra_heads_have_no_position(seq, n_future, objective):
+    """As the logits path (docs/semantics.md): heads past the latents' count as empty where they have no position."""
+    _, labels, attention_mask, weights = make_batch(2, seq, 3, 11, ignored_prefix=0, padding=0)
+    hidden, weight, bias = unembedding(2, seq, 3, 11, 4)
+    ours = outputs_and_grads(fused, objective, hidden, weight, bias, labels, attention_mask.double(), weights,
+                             n_future=n_future)
+    reference = outputs_and_grads(logits_path, objective, hidden, weight, bias, labels, attention_mask.double(),
+                                  weights, n_future=n_future)
+    assert_same(ours, reference, atol=1e-12)
+
+
 def _bad_calls():
     _, labels, mask, weights = make_batch(2, 5, 3, 4)
     hidden, weight, bias = unembedding(2, 5, 3, 4, 6)
