@@ -40,10 +40,19 @@ class LoopEvaluator(ExpressionEvaluator):
     def _range(self, loop: cst.For) -> tuple[str, int, cst.BaseExpression]:
         if not isinstance(loop.target, cst.Name) or loop.orelse is not None:
             raise Refusal(Code.LOOP_HEADER, "the head loop must be `for k in range(...)` without `else`")
-        if not isinstance(loop.iter, cst.Call) or self.qualified(loop.iter.func) != {"builtins.range"} or any(
-                a.keyword or a.star for a in loop.iter.args):
+        heads = loop.iter
+        # The same heads in a list, a tuple or the other order: only the sums' order can change.
+        while m.matches(heads, m.Call(args=[m.Arg(keyword=None, star="")])) and self.qualified(heads.func) in (
+                {"builtins.list"}, {"builtins.tuple"}, {"builtins.reversed"}):
+            heads = heads.args[0].value
+        if m.matches(heads, m.Call(func=m.Name("list") | m.Name("tuple") | m.Name("reversed") | m.Name("range"))) and \
+                self.qualified(heads.func) != {f"builtins.{heads.func.value}"}:
+            raise Refusal(Code.LOOP_HEADER, f"the head loop iterates over `{code(loop.iter)}`, and `{heads.func.value}`"
+                                            " there is not the builtin")
+        if not isinstance(heads, cst.Call) or self.qualified(heads.func) != {"builtins.range"} or any(
+                a.keyword or a.star for a in heads.args):
             raise Refusal(Code.LOOP_HEADER, f"the head loop iterates over `{code(loop.iter)}`, not range(...)")
-        args = [a.value for a in loop.iter.args]
+        args = [a.value for a in heads.args]
         if len(args) == 3 and literal_int(args[2]) == 1:
             args = args[:2]  # an explicit step of 1
         self.loop_name = loop.target.value
