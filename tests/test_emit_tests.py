@@ -146,7 +146,7 @@ def test_a_rerun_is_idempotent_and_check_agrees(copy):
     assert snapshot(copy) == before
 
 
-def test_a_newly_migrated_site_is_added_and_the_old_sections_are_kept(copy, migrated):
+def test_a_newly_migrated_site_is_added_and_the_old_sections_are_kept(copy):
     git("checkout", "--", str(PIPELINES / "run_verifiable.py"), cwd=copy)  # its loops back, as if newly written
     module = copy / "tests" / "test_mtp_migration_run_verifiable.py"
     kept = module.read_text()

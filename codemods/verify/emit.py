@@ -32,6 +32,7 @@ from codemods.verify.slots import SLOT_PREFIX
 HARNESS = Path(__file__).with_name("harness.py")
 GENERATED = "# mtp-migrate: generated equivalence tests"
 _SECTION = re.compile(r"^# === mtp-migrate site (?P<key>[0-9a-f]+): line (?P<line>\d+), in (?P<function>\S+) ===$", re.M)
+_TOP_LEVEL_NAME = re.compile(r"^(?:def |class )?(\w+)", re.M)  # what a section binds
 _GUARDED = re.compile(r'^GUARDED_FILE = "(?P<path>[^"\n]*)"$', re.M)
 
 
@@ -126,7 +127,7 @@ def render(module_path: Path, pipeline: Path, sites: list[GuardedSite], import_r
     new = [site for site in sites if site.key not in keys]
     if existing and not new:
         return existing
-    taken = {name for section in kept for name in re.findall(r"^(?:def |class )?(\w+)", section["text"], re.M)}
+    taken = {name for section in kept for name in _TOP_LEVEL_NAME.findall(section["text"])}
     texts = [section["text"] for section in kept]
     listed = [(int(section["line"]), section["function"]) for section in kept]
     for site in new:
@@ -135,7 +136,7 @@ def render(module_path: Path, pipeline: Path, sites: list[GuardedSite], import_r
             count += 1
             suffix = f"line_{site.line}_{count}"
         text = _section(site, pipeline, suffix)
-        taken |= set(re.findall(r"^(?:def )?(\w+)", text, re.M))
+        taken |= set(_TOP_LEVEL_NAME.findall(text))
         texts.append(text)
         listed.append((site.line, site.function))
     return _header(module_path, pipeline, listed, import_root, revision) + "\n\n".join(texts)
