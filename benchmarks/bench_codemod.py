@@ -107,9 +107,9 @@ def site_verification_ms() -> tuple[float, int]:
     """One warm worker's time per site: the fixture pipelines' sites, verified after a first one (median)."""
     import torch
 
-    from codemods.runner import SHIPPED_UTILITY, migrate_source
-    from codemods.verify import programs
-    from codemods.verify.worker import verify
+    from mtp_migrate.runner import SHIPPED_UTILITY, migrate_source
+    from mtp_migrate.verify import programs
+    from mtp_migrate.verify.worker import verify
 
     built = []
 
@@ -144,7 +144,7 @@ def main():
         def empty_cache():
             shutil.rmtree(cache, ignore_errors=True)
 
-        check = [sys.executable, "-m", "codemods", "check", "--jobs", "2", "--quiet", str(tree)]
+        check = [sys.executable, "-m", "mtp_migrate", "check", "--jobs", "2", "--quiet", str(tree)]
         cold = _median_run(check, ROOT, args.reps, 1, before=empty_cache)
         warm = _median_run(check, ROOT, args.reps, 1)
         copy = Path(scratch) / "apply_tree"
@@ -153,7 +153,7 @@ def main():
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(tree, copy, ignore=shutil.ignore_patterns(".mtp_migrate_cache"))
 
-        apply = [sys.executable, "-m", "codemods", "apply", "--jobs", "2", "--quiet", str(copy)]
+        apply = [sys.executable, "-m", "mtp_migrate", "apply", "--jobs", "2", "--quiet", str(copy)]
         applied = _median_run(apply, ROOT, args.reps, 0, before=fresh_copy)
         sites = sum(text.count("compute_mtp_ce_loss(") + text.count("compute_mtp_ce_loss_unweighted(")
                     for text in (p.read_text() for p in copy.rglob("run_*.py")))

@@ -3,7 +3,7 @@
     python benchmarks/cli_scenarios.py                       # this tree
     python benchmarks/cli_scenarios.py . /path/to/old/tree   # before and after
 
-Each scenario runs `python -m codemods` (with PYTHONPATH at the tree) in a fresh folder and
+Each scenario runs `python -m mtp_migrate` (with PYTHONPATH at the tree) in a fresh folder and
 prints one table: exit code, seconds and peak RSS, and the first line the run said.
 """
 
@@ -46,7 +46,7 @@ SCENARIOS = {
 
 def run(tree: Path, arguments: list[str], folder: Path, timeout: float = 300) -> str:
     began = time.perf_counter()
-    command = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "codemods", *arguments, "--color", "never"]
+    command = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "mtp_migrate", *arguments, "--color", "never"]
     process = subprocess.Popen(command, cwd=folder, env={**os.environ, "PYTHONPATH": str(tree)},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:

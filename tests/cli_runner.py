@@ -5,7 +5,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from codemods.cli import main
+from mtp_migrate.cli import main
 
 
 def invoke(*args, cwd):

@@ -37,7 +37,7 @@ def migrated(tmp_path_factory) -> dict:
         for kind in ("unsound", "equivalent"):
             shutil.copytree(ROOT / kind, folder / kind)
         emit = ["--emit-tests", "emitted"] if mode == "rewrite" else []
-        done = subprocess.run([sys.executable, "-m", "codemods", "apply", "--include", "*.py", "--rho1", mode, *emit,
+        done = subprocess.run([sys.executable, "-m", "mtp_migrate", "apply", "--include", "*.py", "--rho1", mode, *emit,
                                "--json", "unsound", "equivalent"], cwd=folder, capture_output=True, text=True,
                               timeout=1800)
         assert done.returncode in (0, 1), done.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from cli_runner import invoke
 
-from codemods import source
-from codemods.refusals import Code, Refusal
+from mtp_migrate import source
+from mtp_migrate.refusals import Code, Refusal
 
 ROOT = Path(__file__).parents[1]
 BEFORE = ROOT / "fixtures" / "pipelines" / "before"
@@ -180,12 +180,12 @@ def test_missing_path_and_verify_are_errors(tmp_path):
 def test_subprocess_exit_codes_and_no_color(tmp_path):
     shutil.copy(BEFORE / "run_rho1.py", tmp_path / "run_rho1.py")
     env = dict(os.environ, NO_COLOR="1")
-    command = [sys.executable, "-m", "codemods", "diff", "."]
+    command = [sys.executable, "-m", "mtp_migrate", "diff", "."]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 1
     assert "\x1b[" not in done.stdout and "+        del logits_k" in done.stdout
-    assert subprocess.run([sys.executable, "-m", "codemods", "apply", "-q", "."], cwd=tmp_path).returncode == 0
-    done = subprocess.run([sys.executable, "-m", "codemods", "check", "."], cwd=tmp_path, capture_output=True)
+    assert subprocess.run([sys.executable, "-m", "mtp_migrate", "apply", "-q", "."], cwd=tmp_path).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "mtp_migrate", "check", "."], cwd=tmp_path, capture_output=True)
     assert done.returncode == 0
 
 
@@ -193,12 +193,12 @@ def test_apply_verifies_sites_and_skips_one_that_fails(tmp_path, monkeypatch):
     target = tmp_path / "run_baseline.py"
     shutil.copy(BEFORE / "run_baseline.py", target)
     original = target.read_bytes()
-    import codemods.runner
+    import mtp_migrate.runner
 
     def refuse_all(original, edited, decisions, utility, utility_file, cache=None):
         return {d.line: Refusal(Code.NOT_EQUIVALENT, "`loss` differs by 0.5 (on B=2 ...)") for d in decisions}
 
-    monkeypatch.setattr(codemods.runner, "verify_sites", refuse_all)
+    monkeypatch.setattr(mtp_migrate.runner, "verify_sites", refuse_all)
     result = invoke("apply", ".", "--json", "--jobs", "1", cwd=tmp_path)
     sites = json.loads(result.output)["files"][0]["sites"]
     assert [s["action"] for s in sites] == ["skipped", "skipped"]
@@ -230,12 +230,12 @@ def test_the_cache_serves_a_second_run_and_no_cache_bypasses_it(tmp_path, monkey
     first = invoke("check", ".", "--json", "--jobs", "1", cwd=tmp_path)
     cache = tmp_path / ".mtp_migrate_cache"
     assert (cache / ".gitignore").read_text().endswith("*\n") and list(cache.rglob("*.json"))
-    import codemods.runner
+    import mtp_migrate.runner
 
     def unreachable(*args, **kwargs):
         raise AssertionError("a cached file was migrated again")
 
-    monkeypatch.setattr(codemods.runner, "migrate_source", unreachable)
+    monkeypatch.setattr(mtp_migrate.runner, "migrate_source", unreachable)
     second = invoke("check", ".", "--json", "--jobs", "1", cwd=tmp_path)
     assert second.output == first.output
     bypassed = invoke("check", ".", "--json", "--jobs", "1", "--no-cache", cwd=tmp_path)

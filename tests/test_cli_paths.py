@@ -13,10 +13,10 @@ import pytest
 from cli_runner import invoke
 from click.testing import CliRunner
 
-import codemods.runner
-from codemods import cache
-from codemods.cli import main
-from codemods.source import STALE_AFTER_S
+import mtp_migrate.runner
+from mtp_migrate import cache
+from mtp_migrate.cli import main
+from mtp_migrate.source import STALE_AFTER_S
 
 ROOT = Path(__file__).parents[1]
 BEFORE = ROOT / "fixtures" / "pipelines" / "before"
@@ -116,7 +116,7 @@ def test_a_file_edited_while_verification_runs_is_left_alone(tmp_path, monkeypat
     target = tmp_path / "run_baseline.py"
     shutil.copy(BEFORE / "run_baseline.py", target)
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_other.py")
-    real = codemods.runner.verify_sites
+    real = mtp_migrate.runner.verify_sites
 
     def edit_then_verify(original, written, decisions, utility, utility_file, cache=None):
         if target.read_bytes().startswith(b"#"):
@@ -124,7 +124,7 @@ def test_a_file_edited_while_verification_runs_is_left_alone(tmp_path, monkeypat
         target.write_bytes(b"# edited by the user during the run\n" + target.read_bytes())
         return real(original, written, decisions, utility, utility_file, cache)
 
-    monkeypatch.setattr(codemods.runner, "verify_sites", edit_then_verify)
+    monkeypatch.setattr(mtp_migrate.runner, "verify_sites", edit_then_verify)
     result = invoke("apply", "--jobs", "1", "--no-cache", ".", cwd=tmp_path)
     assert result.exit_code == 2
     assert "error: run_baseline.py: changed during the run; left as it is" in result.output

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cli_runner import invoke
 
-import codemods.cli
+import mtp_migrate.cli
 
 ROOT = Path(__file__).parents[1]
 BEFORE = ROOT / "fixtures" / "pipelines" / "before"
@@ -23,7 +23,7 @@ def test_a_signal_to_the_main_process_stops_the_run_with_130(tmp_path, which):
     for index in range(40):  # minutes of verification if nothing stopped it
         text = (BEFORE / "run_verifiable.py").read_text().replace("mask_k", f"mask_{index}_k")
         (tmp_path / f"run_{index}.py").write_text(text)
-    run = subprocess.Popen([sys.executable, "-m", "codemods", "apply", "--jobs", "2", "--no-cache", "."],
+    run = subprocess.Popen([sys.executable, "-m", "mtp_migrate", "apply", "--jobs", "2", "--no-cache", "."],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(6)  # torch imported, verification under way
     assert run.poll() is None, run.communicate()
@@ -43,14 +43,14 @@ def test_a_signal_to_the_main_process_stops_the_run_with_130(tmp_path, which):
 def test_an_internal_error_exits_3_and_the_batch_goes_on(tmp_path, monkeypatch):
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
     shutil.copy(BEFORE / "run_rho1.py", tmp_path / "run_rho1.py")
-    real = codemods.cli.migrate_file
+    real = mtp_migrate.cli.migrate_file
 
     def buggy(path, **options):
         if path.name == "run_rho1.py":
             raise RuntimeError("a bug")
         return real(path, **options)
 
-    monkeypatch.setattr(codemods.cli, "migrate_file", buggy)
+    monkeypatch.setattr(mtp_migrate.cli, "migrate_file", buggy)
     result = invoke("check", "--no-verify", "--jobs", "1", ".", cwd=tmp_path)
     assert result.exit_code == 3
     assert "error: run_rho1.py: internal error: RuntimeError: a bug" in result.output
@@ -81,7 +81,7 @@ def test_workers_die_with_a_killed_parent(tmp_path):
     for index in range(20):
         text = (BEFORE / "run_verifiable.py").read_text().replace("mask_k", f"mask_{index}_k")
         (tmp_path / f"run_{index}.py").write_text(text)
-    run = subprocess.Popen([sys.executable, "-m", "codemods", "check", "--jobs", "2", "--no-cache", "."],
+    run = subprocess.Popen([sys.executable, "-m", "mtp_migrate", "check", "--jobs", "2", "--no-cache", "."],
                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(6)
     workers = _children(run.pid)
@@ -109,7 +109,7 @@ def test_hostile_but_valid_files_are_migrated_and_a_parser_crash_is_an_error_lin
         (tmp_path / name).write_text(text)
     # LibCST's native parser crashes on 1500 nested brackets; Python's refuses them first.
     (tmp_path / "run_deep_brackets.py").write_text(PIPELINE + "W = " + "(" * 1500 + "1" + ")" * 1500 + "\n")
-    done = subprocess.run([sys.executable, "-m", "codemods", "check", "--no-verify", "--json", "--jobs", jobs, "."],
+    done = subprocess.run([sys.executable, "-m", "mtp_migrate", "check", "--no-verify", "--json", "--jobs", jobs, "."],
                           cwd=tmp_path, capture_output=True, timeout=600)
     assert done.returncode == 2, done.stderr.decode()[-2000:]
     files = {f["path"]: f for f in json.loads(done.stdout)["files"]}
@@ -118,7 +118,7 @@ def test_hostile_but_valid_files_are_migrated_and_a_parser_crash_is_an_error_lin
 
 
 def test_a_file_over_the_size_limit_is_refused_quickly(tmp_path):
-    from codemods.runner import MAX_BYTES
+    from mtp_migrate.runner import MAX_BYTES
 
     filler = "# " + "x" * 78 + "\n"
     (tmp_path / "run_huge.py").write_text(PIPELINE + filler * (MAX_BYTES // len(filler) + 1))
@@ -132,7 +132,7 @@ def test_a_file_over_the_size_limit_is_refused_quickly(tmp_path):
 
 
 def test_a_file_with_too_many_syntax_nodes_is_refused_before_libcst_sees_it(tmp_path, monkeypatch):
-    from codemods.source import MAX_NODES
+    from mtp_migrate.source import MAX_NODES
 
     (tmp_path / "run_wide.py").write_text(PIPELINE + "".join(f"V{i} = ({i}, {i})\n" for i in range(MAX_NODES // 6)))
     monkeypatch.setattr("libcst.parse_module", lambda *args: pytest.fail("LibCST parsed it"))
@@ -173,14 +173,14 @@ def test_jobs_are_capped_at_the_number_of_files(tmp_path):
     for name in ("run_a.py", "run_b.py", "run_c.py"):
         shutil.copy(BEFORE / "run_baseline.py", tmp_path / name)
     began = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "codemods", "check", "--no-verify", "--jobs", "5000", "."],
+    done = subprocess.run([sys.executable, "-m", "mtp_migrate", "check", "--no-verify", "--jobs", "5000", "."],
                           cwd=tmp_path, capture_output=True, timeout=120)
     assert done.returncode == 1 and time.monotonic() - began < 60
 
 
 def test_options_are_checked_before_any_file_is_read(tmp_path, monkeypatch):
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
-    monkeypatch.setattr(codemods.cli, "discover", lambda *args: pytest.fail("a file was looked at"))
+    monkeypatch.setattr(mtp_migrate.cli, "discover", lambda *args: pytest.fail("a file was looked at"))
     result = invoke("check", "--utility-module", "not a module", ".", cwd=tmp_path)
     assert result.exit_code == 2 and "is not a dotted module name" in result.output
 
@@ -211,7 +211,7 @@ def test_the_summary_counts_only_what_was_written(tmp_path, monkeypatch):
     def full_disk(path, data, expected=None):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(codemods.cli, "write_atomic", full_disk)
+    monkeypatch.setattr(mtp_migrate.cli, "write_atomic", full_disk)
     result = invoke("apply", "--no-verify", "--json", ".", cwd=tmp_path)
     assert result.exit_code == 2
     summary = json.loads(result.output)["summary"]
@@ -223,7 +223,7 @@ def test_syntax_newer_than_this_python_is_left_to_libcst_but_never_deep_nesting(
     (tmp_path / "run_newer.py").write_text(newer)
     (tmp_path / "run_newer_deep.py").write_text(newer + "W = " + "(" * 1500 + "1" + ")" * 1500 + "\n")
     (tmp_path / "run_broken.py").write_text("import torch.nn.functional as F\ndef f(:\n    return F.cross_entropy\n")
-    done = subprocess.run([sys.executable, "-m", "codemods", "check", "--no-verify", "--json", "--jobs", "1", "."],
+    done = subprocess.run([sys.executable, "-m", "mtp_migrate", "check", "--no-verify", "--json", "--jobs", "1", "."],
                           cwd=tmp_path, capture_output=True, timeout=120)
     assert done.returncode == 2, done.stderr.decode()[-2000:]
     files = {f["path"]: f for f in json.loads(done.stdout)["files"]}

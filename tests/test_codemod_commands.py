@@ -9,13 +9,13 @@ import libcst as cst
 import pytest
 from libcst.codemod import CodemodTest
 
-from codemods.commands.add_utility_import import AddUtilityImportCommand
-from codemods.commands.export_utility import ExportUtilityCommand
-from codemods.commands.insert_mtp_del import InsertMTPDelCommand
-from codemods.commands.remove_dead_code import RemoveDeadCodeCommand
-from codemods.refusals import Code
-from codemods.runner import migrate_source
-from codemods.vendoring import utility_target
+from mtp_migrate.commands.add_utility_import import AddUtilityImportCommand
+from mtp_migrate.commands.export_utility import ExportUtilityCommand
+from mtp_migrate.commands.insert_mtp_del import InsertMTPDelCommand
+from mtp_migrate.commands.remove_dead_code import RemoveDeadCodeCommand
+from mtp_migrate.refusals import Code
+from mtp_migrate.runner import migrate_source
+from mtp_migrate.vendoring import utility_target
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = ROOT / "fixtures" / "codemod"

@@ -14,7 +14,7 @@ import libcst as cst
 import pytest
 import torch
 
-from codemods.runner import migrate_source
+from mtp_migrate.runner import migrate_source
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "codemod"
 CASES = sorted(path.name.removesuffix(".in.py") for path in FIXTURES.glob("*.in.py"))

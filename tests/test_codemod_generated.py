@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codemods.runner import migrate_source
+from mtp_migrate.runner import migrate_source
 
 IDENTIFIER = st.sampled_from(["k", "h", "head", "j", "step"])
 NAMES = st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f", "g", "q", "r", "u", "x", "y", "z"]),

@@ -24,7 +24,7 @@ def run(*args, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedPro
 
 
 def tool(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return run(sys.executable, "-m", "codemods", *args, "--color", "never", cwd=cwd)
+    return run(sys.executable, "-m", "mtp_migrate", *args, "--color", "never", cwd=cwd)
 
 
 def tree(root: Path) -> dict[str, bytes]:

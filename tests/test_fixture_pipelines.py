@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codemods.runner import migrate_source
+from mtp_migrate.runner import migrate_source
 
 PIPELINES = Path(__file__).parents[1] / "fixtures" / "pipelines"
 NAMES = ["run_verifiable", "run_baseline", "run_rho1"]

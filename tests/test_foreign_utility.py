@@ -22,7 +22,7 @@ def repo(tmp_path):
 
 
 def apply(repo: Path, *options: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "codemods", "apply", "--json", "pipelines", *options], cwd=repo,
+    done = subprocess.run([sys.executable, "-m", "mtp_migrate", "apply", "--json", "pipelines", *options], cwd=repo,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode in (0, 1), done.stderr
     return {Path(f["path"]).name: f for f in json.loads(done.stdout)["files"]}

@@ -5,12 +5,12 @@ import inspect
 import re
 from pathlib import Path
 
-from codemods.config import OPTION_DEFAULTS
-from codemods.refusals import Code
+from mtp_migrate.config import OPTION_DEFAULTS
+from mtp_migrate.refusals import Code
 from weighted_mtp.utils import compute_mtp_ce_loss
 
 ROOT = Path(__file__).parents[1]
-CODEMODS = ROOT / "codemods"
+PACKAGE = ROOT / "mtp_migrate"
 
 
 def test_option_defaults_are_the_utilitys():
@@ -32,27 +32,27 @@ def _imports(path: Path) -> set[str]:
             names.add(node.module)
         elif isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
-    return {name for name in names if name.startswith("codemods")}
+    return {name for name in names if name.startswith("mtp_migrate")}
 
 
 # cli -> runner -> (commands, verify) -> mtp_loop -> cst helpers; verify never imports commands.
 FORBIDDEN = {
-    "mtp_loop": ("codemods.commands", "codemods.verify", "codemods.cli", "codemods.runner", "codemods.since",
-                 "codemods.report", "codemods.cache"),
-    "verify": ("codemods.commands", "codemods.cli", "codemods.runner", "codemods.since", "codemods.report"),
-    "commands": ("codemods.verify", "codemods.cli", "codemods.runner", "codemods.since", "codemods.report",
-                 "codemods.cache"),
+    "mtp_loop": ("mtp_migrate.commands", "mtp_migrate.verify", "mtp_migrate.cli", "mtp_migrate.runner", "mtp_migrate.since",
+                 "mtp_migrate.report", "mtp_migrate.cache"),
+    "verify": ("mtp_migrate.commands", "mtp_migrate.cli", "mtp_migrate.runner", "mtp_migrate.since", "mtp_migrate.report"),
+    "commands": ("mtp_migrate.verify", "mtp_migrate.cli", "mtp_migrate.runner", "mtp_migrate.since", "mtp_migrate.report",
+                 "mtp_migrate.cache"),
 }
 
 
 def test_imports_point_one_way():
     for package, forbidden in FORBIDDEN.items():
-        for path in (CODEMODS / package).glob("*.py"):
+        for path in (PACKAGE / package).glob("*.py"):
             bad = [name for name in _imports(path) if name.startswith(forbidden)]
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
 def test_no_path_outside_the_repository_is_cited():
-    for path in [*ROOT.glob("codemods/**/*.py"), *ROOT.glob("weighted_mtp/**/*.py"), ROOT / "README.md",
+    for path in [*ROOT.glob("mtp_migrate/**/*.py"), *ROOT.glob("weighted_mtp/**/*.py"), ROOT / "README.md",
                  *ROOT.glob("docs/*.md")]:
         assert "shared/DESIGN" not in path.read_text(), path

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from codemods.project import line_length, project_root
-from codemods.runner import migrate_file
+from mtp_migrate.project import line_length, project_root
+from mtp_migrate.runner import migrate_file
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "codemod"
 

@@ -12,13 +12,13 @@ import libcst as cst
 import pytest
 from libcst.codemod import CodemodContext
 
-from codemods.commands.rewrite_mtp_loop import RewriteMTPLoopCommand
-from codemods.mtp_loop.plan import edit, plan, utility_import
-from codemods.mtp_loop.spec import Action
-from codemods.refusals import Code
-from codemods.vendoring import SHIPPED_UTILITY
-from codemods.verify import programs, verify_sites
-from codemods.verify import worker as verify_worker
+from mtp_migrate.commands.rewrite_mtp_loop import RewriteMTPLoopCommand
+from mtp_migrate.mtp_loop.plan import edit, plan, utility_import
+from mtp_migrate.mtp_loop.spec import Action
+from mtp_migrate.refusals import Code
+from mtp_migrate.vendoring import SHIPPED_UTILITY
+from mtp_migrate.verify import programs, verify_sites
+from mtp_migrate.verify import worker as verify_worker
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "codemod"
 
@@ -151,7 +151,7 @@ def test_verify_base_passes_after_apply_and_fails_on_a_hand_broken_copy(tmp_path
     _git("init", "-q", cwd=tmp_path)
     _git("add", "-A", cwd=tmp_path)
     _git("commit", "-qm", "before", cwd=tmp_path)
-    command = [sys.executable, "-m", "codemods"]
+    command = [sys.executable, "-m", "mtp_migrate"]
     subprocess.run([*command, "apply", "-q", "."], cwd=tmp_path, check=True)
     _git("commit", "-qam", "mtp-migrate apply", cwd=tmp_path)
 
@@ -179,6 +179,6 @@ def test_verify_base_passes_after_apply_and_fails_on_a_hand_broken_copy(tmp_path
 
 
 def test_verify_base_outside_git_is_an_error(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "codemods", "verify", "--base", "HEAD", "."], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "mtp_migrate", "verify", "--base", "HEAD", "."], cwd=tmp_path,
                           capture_output=True, text=True)
     assert done.returncode == 2 and "not a git repository" in done.stderr

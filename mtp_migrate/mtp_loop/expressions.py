@@ -1,0 +1,474 @@
+"""Evaluate the expressions of a head loop symbolically: positions, views, per-token products,
+sums and their ratios, with the cross-entropy call at their root.
+
+Which tensor is the logits, the mask or the weights is decided by data flow only (what
+reaches ``cross_entropy``, what is multiplied with it), never by names. Elementwise casts
+and comparisons ride along on the factor they apply to, so the call can receive the
+tensor exactly as the loop saw it.
+
+One class over 400 lines, by choice: it is a single recursive evaluator over every
+expression form a loop may contain, and splitting it would scatter that recursion.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import libcst as cst
+import libcst.matchers as m
+
+from mtp_migrate.cst_utils import code, literal_int, literal_number, string_value
+from mtp_migrate.mtp_loop.symbolic import (
+    CrossEntropy,
+    Free,
+    K,
+    Layout,
+    Lin,
+    Op,
+    Outer,
+    Ratio,
+    Tokens,
+    Total,
+    View,
+)
+from mtp_migrate.refusals import Code, Refusal
+
+CROSS_ENTROPY = "torch.nn.functional.cross_entropy"
+NLL_LOSS = "torch.nn.functional.nll_loss"
+LOG_SOFTMAX = {"torch.nn.functional.log_softmax", "torch.log_softmax"}
+TORCH_SUM = "torch.sum"
+_ARITHMETIC_METHODS = {"mul": cst.Multiply, "multiply": cst.Multiply, "div": cst.Divide, "divide": cst.Divide,
+                       "true_divide": cst.Divide}
+FLOAT_DTYPES = {f"torch.{name}" for name in ("float", "float32", "float64", "double", "float16", "half", "bfloat16")}
+BOOL_DTYPE = "torch.bool"
+_PRECISION_METHODS = {"float", "double", "half", "bfloat16", "cpu", "cuda"}
+_VALUE_METHODS = {"long", "int", "short", "byte", "char"}
+_COMPARE_METHODS = {"ne": "!=", "eq": "==", "gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_COMPARE_OPERATORS = {cst.NotEqual: "!=", cst.Equal: "==", cst.GreaterThan: ">", cst.GreaterThanEqual: ">=",
+                      cst.LessThan: "<", cst.LessThanEqual: "<="}
+_FLATTEN = ("reshape", "view")
+
+
+def _compare(operator: str, operand: str) -> Op:
+    return Op("compare", "({} " + operator + " " + operand + ")", operator, operand)
+
+
+class LogSoftmax(NamedTuple):
+    receiver: object
+    args: tuple
+
+
+def _is_full(element: cst.SubscriptElement) -> bool:
+    return m.matches(element.slice, m.Slice(lower=None, upper=None, step=None))
+
+
+def _is_zero(node: cst.BaseExpression) -> bool:
+    return literal_number(node) == 0
+
+
+class ExpressionEvaluator:
+    """The expression half of ``LoopEvaluator``: subclasses hold the loop's state (``env``, ``facts``...)."""
+
+    def position(self, node: cst.BaseExpression) -> Lin:
+        value = literal_int(node)
+        if value is not None:
+            return Lin((), value)
+        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Minus | cst.Plus):
+            inner = self.position(node.expression)
+            return -inner if isinstance(node.operator, cst.Minus) else inner
+        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add | cst.Subtract):
+            left, right = self.position(node.left), self.position(node.right)
+            return left + right if isinstance(node.operator, cst.Add) else left - right
+        if isinstance(node, cst.NamedExpr):
+            value = self.position(node.value)
+            self.env[node.target.value] = value
+            return value
+        if isinstance(node, cst.Name):
+            if node.value == self.loop_name:
+                return Lin.of(K, 1, -self.head_offset)
+            bound = self.env.get(node.value)
+            if isinstance(bound, Lin):
+                return bound
+            if node.value in self.env or node.value in self.accumulators:
+                raise Refusal(Code.POSITIONS, f"`{node.value}` is not a position")
+            self.outer_names.add(node.value)
+            fact = self.facts.integer(node.value)
+            if fact is not None and len(fact.terms) == 1 and fact.terms[0][1] == 1 and not fact.const:
+                self.dimension_names.setdefault(fact.terms[0][0], node.value)
+            return Lin.of(Free(node.value)) if fact is None else fact
+        if isinstance(node, cst.Call) and self.qualified(node.func) == {"builtins.int"} and len(node.args) == 1:
+            return self.position(node.args[0].value)
+        if not self._mentions_loop(node):
+            dim = self.facts.dimension(node, self.facts.point)
+            if dim is not None:
+                self.outer_names |= self.index.reads(node)
+                return Lin.of(dim)
+        raise Refusal(Code.POSITIONS, f"cannot follow the index `{code(node)}`")
+
+    def _mentions_loop(self, node: cst.CSTNode) -> bool:
+        return bool(self.index.reads(node) & (set(self.env) | {self.loop_name} | self.accumulators))
+
+    # -- tensors
+    def value(self, node: cst.BaseExpression):
+        if isinstance(node, cst.Name):
+            if node.value in self.env:
+                return self.env[node.value]
+            if node.value in self.accumulators or node.value == self.loop_name:
+                raise Refusal(Code.ACCUMULATOR if node.value in self.accumulators else Code.POSITIONS,
+                              f"`{node.value}` is used inside the loop beyond its accumulation")
+            return self._outer(node)
+        if isinstance(node, cst.NamedExpr):
+            value = self.value(node.value)
+            self.env[node.target.value] = value
+            return value
+        if not self._mentions_loop(node):
+            return self._outer(node)
+        if isinstance(node, cst.Subscript):
+            return self.subscript(node)
+        if isinstance(node, cst.Call):
+            return self.call(node)
+        if isinstance(node, cst.BinaryOperation):
+            return self.binary(node)
+        if isinstance(node, cst.Comparison):
+            return self.comparison(node)
+        raise Refusal(Code.STATEMENT, f"cannot follow `{code(node)}`")
+
+    def _outer(self, node: cst.BaseExpression) -> Outer:
+        if self._mentions_loop(node):
+            raise Refusal(Code.PER_HEAD_VALUE_USED, f"`{code(node)}` reads a per-head value where the call needs "
+                                                    "one from outside the loop")
+        self.outer_names |= self.index.reads(node)
+        return Outer(node, code(node))
+
+    def subscript(self, node: cst.Subscript) -> View:
+        base = self.value(node.value)
+        elements = list(node.slice)
+        if isinstance(base, Outer):
+            if len(elements) < 2 or not _is_full(elements[0]):
+                raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
+            start, stop = self._positions(elements[1])
+            head, rest = self._head(elements[2:], node)
+            layout = Layout.LOGITS_GRID if rest else Layout.HEAD_SLICE if head is not None else Layout.GRID
+            if any(not _is_full(e) for e in rest):
+                raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
+            return View(base, start, stop, head, layout)
+        if isinstance(base, View) and base.start == Lin() and base.stop is None and not base.ops:
+            # logits[:, :, k - 1][:, :valid_len]: positions after the head
+            if len(elements) >= 2 and _is_full(elements[0]) and all(_is_full(e) for e in elements[2:]):
+                start, stop = self._positions(elements[1])
+                return View(base.base, start, stop, base.head, base.layout)
+        raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
+
+    def _positions(self, element: cst.SubscriptElement) -> tuple[Lin, Lin | None]:
+        part = element.slice
+        if isinstance(part, cst.Index) or part.step is not None:
+            raise Refusal(Code.POSITIONS, f"unsupported position slice `{code(element)}`")
+        start = Lin() if part.lower is None else self.position(part.lower)
+        stop = None if part.upper is None else self.position(part.upper)
+        return start, stop
+
+    def _head(self, rest: list[cst.SubscriptElement], node) -> tuple[Lin | None, list]:
+        if rest and not _is_full(rest[0]):
+            if not isinstance(rest[0].slice, cst.Index):
+                raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
+            return self.position(rest[0].slice.value), rest[1:]
+        return None, rest
+
+    def call(self, node: cst.Call):
+        names = self.qualified(node.func)
+        if names == {CROSS_ENTROPY}:
+            return self.cross_entropy_call(node)
+        if names == {NLL_LOSS}:
+            return self.nll_call(node)
+        if any(name.endswith("cross_entropy") for name in names) or m.matches(node.func, m.Name("cross_entropy") | m.Attribute(attr=m.Name("cross_entropy"))):
+            found = ", ".join(sorted(names)) or code(node.func)
+            raise Refusal(Code.NOT_TORCH_CROSS_ENTROPY,
+                          f"`{code(node.func)}` is {found}, not torch.nn.functional.cross_entropy")
+        if names == {TORCH_SUM}:
+            if len(node.args) != 1 or node.args[0].keyword is not None:
+                raise Refusal(Code.REDUCTION, f"a different reduction: `{code(node)}`")
+            return Total(*self._total(self.value(node.args[0].value)))
+        if not isinstance(node.func, cst.Attribute):
+            raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
+        method, receiver = node.func.attr.value, self.value(node.func.value)
+        if isinstance(receiver, Outer):
+            raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
+        return self.method(node, method, receiver)
+
+    def method(self, node: cst.Call, method: str, receiver):
+        args = list(node.args)
+        if method == "sum":
+            if args:
+                raise Refusal(Code.REDUCTION, f"a different reduction: `{code(node)}` (a sum over one axis)")
+            return Total(*self._total(receiver))
+        if method in ("mean", "nansum", "nanmean", "prod", "max", "min", "amax"):
+            raise Refusal(Code.REDUCTION, f"a different reduction: `{code(node)}`")
+        if method in ("clamp", "clamp_min", "clip") and isinstance(receiver, Total):
+            raise Refusal(Code.GUARD, f"a clamped denominator `{code(node)}` differs from the utility's `> 0` "
+                                      "guard on fractional masks")
+        if method in _ARITHMETIC_METHODS and len(args) == 1 and args[0].keyword is None and not args[0].star:
+            # `a.mul(b)` is `a * b` and `a.div(b)` is `a / b` (true division) for tensors
+            return self.binary(cst.BinaryOperation(node.func.value, _ARITHMETIC_METHODS[method](), args[0].value))
+        op = self._op(node, method, args)
+        if op is not None:
+            return self._apply(receiver, op, node)
+        if method in ("contiguous",) and not args:
+            return receiver
+        if method in ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose", "permute", "squeeze",
+                      "unsqueeze"):
+            return self._relayout(receiver, method, args, node)
+        if method == "log_softmax":
+            return LogSoftmax(receiver, tuple(args))
+        raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
+
+    def _op(self, node: cst.Call, method: str, args) -> Op | None:
+        """The elementwise operation a method call applies, or ``None`` if it is not one."""
+        template = "{}" + code(node)[len(code(node.func.value)):]
+        if method in _PRECISION_METHODS and not args:
+            return Op("precision", template)
+        if method in _VALUE_METHODS and not args:
+            return Op("value", template)
+        if method == "bool" and not args:
+            return Op("bool", template)
+        if method == "detach" and not args:
+            return Op("detach", template)
+        if method in _COMPARE_METHODS and len(args) == 1 and args[0].keyword is None:
+            self._outer(args[0].value)
+            return _compare(_COMPARE_METHODS[method], code(args[0].value))
+        if method in ("to", "type") and args:
+            kinds = set()
+            for arg in args:
+                kinds.add(self._conversion(arg))
+                if kinds != {"precision"} or not self._mentions_loop(arg.value):
+                    self._outer(arg.value)
+            kinds.discard("device")
+            if "value" in kinds:
+                return Op("value", template)
+            return Op("bool", template) if "bool" in kinds else Op("precision", template)
+        if method == "type_as" and len(args) == 1:
+            self._outer(args[0].value)
+            return Op("value", template)
+        return None
+
+    def _conversion(self, arg: cst.Arg) -> str:
+        """What one argument of ``.to(...)`` does: ``precision``, ``bool``, ``device`` or ``value`` (unknown)."""
+        keyword = arg.keyword.value if arg.keyword is not None else None
+        if m.matches(arg.value, m.Attribute(attr=m.Name("dtype"))) and self._mentions_loop(arg.value):
+            of = self.value(arg.value.value)  # `.to(ce.dtype)`: the dtype of the cross-entropy, a float
+            if isinstance(of, Tokens) and any(isinstance(f, CrossEntropy) for f in of.factors):
+                return "precision"
+        if keyword in ("non_blocking", "copy", "device"):
+            return "device"
+        names = self.qualified(arg.value)
+        if names and names <= FLOAT_DTYPES:
+            return "precision"
+        if names == {BOOL_DTYPE}:
+            return "bool"
+        if names == {"torch.device"} or string_value(arg.value) is not None or m.matches(
+                arg.value, m.Attribute(attr=m.Name("device"))) or (
+                isinstance(arg.value, cst.Call) and self.qualified(arg.value.func) == {"torch.device"}):
+            return "device"
+        return "value"
+
+    def _apply(self, receiver, op: Op, node):
+        if isinstance(receiver, View):
+            return receiver.with_op(op)
+        if isinstance(receiver, Tokens):
+            if op.kind == "precision":
+                return receiver
+            plain = [i for i, f in enumerate(receiver.factors) if not (isinstance(f, View) and f.boolean)]
+            if op.kind == "detach" and not any(isinstance(f, CrossEntropy) for f in receiver.factors):
+                factors = tuple(f.with_op(op) for f in receiver.factors)
+                return Tokens(factors, receiver.layout, receiver.shape_checks)
+            if op.kind in ("value", "bool") and len(plain) == 1 and isinstance(receiver.factors[plain[0]], View):
+                factors = list(receiver.factors)  # cast(a * b) == cast(a) * b when b is 0/1
+                factors[plain[0]] = factors[plain[0]].with_op(op)
+                return Tokens(tuple(factors), receiver.layout, receiver.shape_checks)
+            raise Refusal(Code.VALUE_CAST, f"`{code(node)}` casts a product the call cannot split")
+        if isinstance(receiver, Total) and op.kind == "precision":
+            return receiver
+        raise Refusal(Code.VALUE_CAST, f"`{code(node)}` on a value that is not per token")
+
+    def _relayout(self, receiver, method: str, args, node):
+        if not isinstance(receiver, View | Tokens):
+            raise Refusal(Code.LAYOUT, f"`{code(node)}` on a value that is not per token")
+        new = self._new_layout(receiver.layout, method, args, node)
+        if new is None:
+            raise Refusal(Code.LAYOUT, f"`{code(node)}` does not keep one value per token")
+        target, check = new
+        if isinstance(receiver, View):
+            return receiver.relayout(target, check)
+        checks = (*receiver.shape_checks, check) if check else receiver.shape_checks
+        return Tokens(receiver.factors, target, checks)
+
+    def _new_layout(self, layout: Layout, method: str, args, node) -> tuple[Layout, tuple | None] | None:
+        values = [a.value for a in args]
+        if layout is Layout.HEAD_SLICE:  # logits[:, :L, k - 1] reshaped to rows of the vocabulary
+            rows = len(values) == 2 or method in ("transpose", "permute")
+            layout = Layout.LOGITS_GRID if rows else Layout.GRID
+        if method == "flatten" and not values and layout in (Layout.GRID, Layout.FLAT):
+            return Layout.FLAT, None
+        if method == "flatten" and [literal_int(v) for v in values] == [0, 1]:
+            if layout in (Layout.GRID, Layout.FLAT):
+                return Layout.FLAT, None
+            if layout in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT):
+                return Layout.LOGITS_FLAT, None
+        if method in _FLATTEN and len(values) == 1 and literal_int(values[0]) == -1 and layout in (
+                Layout.GRID, Layout.FLAT):
+            return Layout.FLAT, None
+        if method in _FLATTEN and len(values) == 2 and layout in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT) and \
+                literal_int(values[0]) == -1:
+            self._outer(values[1])  # any other vocabulary size makes cross_entropy raise
+            return Layout.LOGITS_FLAT, None
+        if method in _FLATTEN and len(values) == 2 and layout in (Layout.FLAT, Layout.GRID):
+            shape = tuple(None if literal_int(v) == -1 else self.position(v) for v in values)
+            return Layout.GRID, ("grid", shape, code(node))
+        if method in ("view_as", "reshape_as") and len(values) == 1:
+            other = self.value(values[0])
+            if isinstance(other, View | Tokens) and other.layout in (Layout.GRID, Layout.FLAT) and \
+                    layout in (Layout.GRID, Layout.FLAT):
+                return other.layout, None
+            return None
+        if method in ("transpose", "permute") and layout is Layout.LOGITS_GRID:
+            axes = [literal_int(v) for v in values]
+            if method == "transpose" and sorted(axes) in ([1, 2], [-2, -1], [1, -1], [-2, 2]):
+                return Layout.CLASS_FIRST, None
+            if method == "permute" and axes == [0, 2, 1]:
+                return Layout.CLASS_FIRST, None
+        return None
+
+    # -- cross-entropy
+    @staticmethod
+    def _input_and_target(node: cst.Call) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
+        """``([input, target], options)`` of a loss call, by position or by keyword, or ``([], {})``."""
+        if any(a.star for a in node.args):
+            return [], {}
+        positional = [a.value for a in node.args if a.keyword is None]
+        keywords = {a.keyword.value: a.value for a in node.args if a.keyword is not None}
+        for name in ("input", "target")[len(positional):]:
+            if name in keywords:
+                positional.append(keywords.pop(name))
+        return positional, keywords
+
+    def cross_entropy_call(self, node: cst.Call):
+        positional, keywords = self._input_and_target(node)
+        if len(positional) != 2:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy must take the logits and labels (by position "
+                                                       "or as input= and target=) and its options by keyword")
+        self._check_keywords(keywords, {"reduction", "ignore_index", "label_smoothing", "weight"})
+        if not _is_zero(keywords.get("label_smoothing", cst.Integer("0"))):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `label_smoothing` has no equivalent "
+                                                       "in the utility")
+        if "weight" in keywords and not m.matches(keywords["weight"], m.Name("None")):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `weight` (class weights) has no "
+                                                       "equivalent in the utility")
+        return self._per_token_loss(self.value(positional[0]), self.value(positional[1]),
+                                    keywords.get("ignore_index"), node)
+
+    def nll_call(self, node: cst.Call):
+        positional, keywords = self._input_and_target(node)
+        if len(positional) != 2:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "nll_loss must take its input and target (by position or "
+                                                       "as input= and target=)")
+        self._check_keywords(keywords, {"reduction", "ignore_index"})
+        log_probs = self._log_softmax(positional[0])
+        return self._per_token_loss(log_probs, self.value(positional[1]), keywords.get("ignore_index"), node)
+
+    def _log_softmax(self, node: cst.BaseExpression):
+        if isinstance(node, cst.Call) and self.qualified(node.func) & LOG_SOFTMAX:
+            args = list(node.args)
+            receiver = self.value(args[0].value)
+            rest = args[1:]
+        else:
+            value = self.value(node)
+            if not isinstance(value, LogSoftmax):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"nll_loss of `{code(node)}`, not of a log_softmax")
+            receiver, rest = value.receiver, list(value.args)
+        dims = [literal_int(a.value) for a in rest if a.keyword is None or a.keyword.value == "dim"]
+        if isinstance(receiver, View) and receiver.layout is Layout.HEAD_SLICE:
+            receiver = receiver.relayout(Layout.LOGITS_GRID)
+        if len(rest) != 1 or len(dims) != 1 or not isinstance(receiver, View):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"unsupported log_softmax `{code(node)}`")
+        wanted = {Layout.LOGITS_FLAT: (-1, 1), Layout.CLASS_FIRST: (1, -2)}.get(receiver.layout, ())
+        if dims[0] not in wanted:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"log_softmax `{code(node)}` is not over the vocabulary")
+        return receiver
+
+    def _check_keywords(self, keywords: dict, allowed: set[str]) -> None:
+        extra = sorted(set(keywords) - allowed)
+        if extra:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"keyword `{extra[0]}` has no equivalent in the utility")
+        if string_value(keywords.get("reduction", cst.SimpleString('""'))) != "none":
+            raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none'")
+
+    def _per_token_loss(self, logits, labels, ignore, node) -> Tokens:
+        if not (isinstance(logits, View) and isinstance(labels, View)):
+            raise Refusal(Code.HEAD_INDEXING, f"`{code(node)}` is not on a slice of the logits and of the labels")
+        pairs = {(Layout.LOGITS_FLAT, Layout.FLAT): Layout.FLAT, (Layout.CLASS_FIRST, Layout.GRID): Layout.GRID}
+        if logits.layout is Layout.HEAD_SLICE:
+            logits = logits.relayout(Layout.LOGITS_GRID)
+        layout = pairs.get((logits.layout, labels.layout))
+        if layout is None:
+            raise Refusal(Code.LAYOUT, f"`{code(node)}`: the logits are {logits.layout.value} and the labels "
+                                       f"{labels.layout.value}, not one row per token")
+        if any(op.kind not in ("precision",) for op in logits.ops):
+            raise Refusal(Code.VALUE_CAST, f"`{code(node)}` changes the logits' values")
+        if ignore is not None:
+            self._outer(ignore)
+        found = CrossEntropy(logits, labels, ignore, "-100" if ignore is None else code(ignore))
+        if self.cross_entropy not in (None, found):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "two different cross-entropies in one loop")
+        self.cross_entropy = found
+        return Tokens((found,), layout)
+
+    # -- arithmetic
+    def _tokens(self, value) -> Tokens:
+        if isinstance(value, Tokens):
+            return value
+        if isinstance(value, View):
+            if value.layout is Layout.HEAD_SLICE:  # a per-head slice of a [B, S, n] tensor
+                value = value.relayout(Layout.GRID)
+            if value.layout not in (Layout.GRID, Layout.FLAT):
+                raise Refusal(Code.LAYOUT, f"`{value.base.text}` is used per token with layout {value.layout.value}")
+            return Tokens((value.as_factor(),), value.layout, value.shape_checks)
+        raise Refusal(Code.LAYOUT, "a per-token product of something that is not per token")
+
+    def _total(self, value) -> tuple[tuple, tuple]:
+        tokens = self._tokens(value)
+        return tokens.factors, tokens.shape_checks
+
+    def binary(self, node: cst.BinaryOperation):
+        left, right = self.value(node.left), self.value(node.right)
+        if isinstance(node.operator, cst.Multiply | cst.BitAnd):
+            a, b = self._tokens(left), self._tokens(right)
+            if isinstance(node.operator, cst.BitAnd) and not all(
+                    isinstance(f, View) and f.boolean for f in (*a.factors, *b.factors)):
+                raise Refusal(Code.VALUE_CAST, f"`{code(node)}`: `&` of values that may not be 0/1")
+            if a.layout is not b.layout:
+                raise Refusal(Code.LAYOUT, f"`{code(node)}` multiplies a {a.layout.value} tensor with a "
+                                           f"{b.layout.value} one")
+            return Tokens(tuple(sorted((*a.factors, *b.factors), key=repr)), a.layout,
+                          (*a.shape_checks, *b.shape_checks))
+        if isinstance(node.operator, cst.Divide) and isinstance(left, Total):
+            if isinstance(right, Total):
+                return Ratio(left, right)
+            raise Refusal(Code.GUARD, f"`{code(node)}` divides by something other than a sum over the tokens "
+                                      "(an epsilon, a clamp or a count)")
+        raise Refusal(Code.REDUCTION, f"unsupported arithmetic `{code(node)}`")
+
+    def comparison(self, node: cst.Comparison):
+        if len(node.comparisons) != 1:
+            raise Refusal(Code.STATEMENT, f"unsupported comparison `{code(node)}`")
+        target = node.comparisons[0]
+        operator = _COMPARE_OPERATORS.get(type(target.operator))
+        left_mentions = self._mentions_loop(node.left)
+        tensor, other = (node.left, target.comparator) if left_mentions else (target.comparator, node.left)
+        if operator is None or self._mentions_loop(other) or (not left_mentions and operator not in ("==", "!=")):
+            raise Refusal(Code.STATEMENT, f"unsupported comparison `{code(node)}`")
+        self._outer(other)
+        value = self.value(tensor)
+        op = _compare(operator, code(other))
+        if isinstance(value, View):
+            return value.with_op(op)
+        raise Refusal(Code.STATEMENT, f"unsupported comparison `{code(node)}`")
+
+    # -- statements

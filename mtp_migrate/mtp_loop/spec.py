@@ -1,0 +1,80 @@
+"""What a recognised site means, independent of how its source spelled it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import libcst as cst
+
+from mtp_migrate.config import HeadAverage, Normalize, WeightAlignment
+from mtp_migrate.refusals import Code, Refusal
+
+
+class Action(str, Enum):
+    REWRITTEN = "rewritten"
+    DEL_INSERTED = "del_inserted"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """The loss a site computes, as ``compute_mtp_ce_loss`` arguments (see ``docs/semantics.md``).
+
+    Tensor arguments are expressions in the site's own terms (``attention_mask.bool()``),
+    evaluated where the loop was, so the call sees what the loop saw.
+    """
+
+    logits: str
+    labels: str
+    attention_mask: str
+    weights: str | None
+    n_future: str | None  # None: all heads of the logits (proved, not assumed)
+    ignore_index: str | None  # None: the default, -100
+    weight_alignment: WeightAlignment = "target"
+    mask_ignored_labels: bool = True
+    normalize: Normalize = "mask"
+    head_average: HeadAverage = "all"
+    weighted_output: str | None = None
+    unweighted_output: str | None = None
+    head0_output: str | None = None  # rho1's head-0 metric: per_head_ce_loss[0]
+    head0_item: bool = False  # the metric was taken with .item()
+    per_head_weights: bool = False  # 3-D weights [B, S, n], indexed per head
+
+
+@dataclass(frozen=True)
+class Average:
+    """How an accumulator is averaged over heads after the loop.
+
+    ``divisor`` is ``"heads"`` (the loop's head count), ``"valid:<counter>"``
+    (``max(counter, 1)``) or the divisor as written. ``inline`` is the statement that
+    reads ``acc / divisor`` with ``acc / divisor`` replaced by ``acc`` (a ``return`` or an
+    expression using the average), or ``None`` for ``acc /= n`` / ``out = acc / n``.
+    """
+
+    accumulator: str
+    output: str
+    divisor: str
+    index: int
+    inline: cst.BaseStatement | None = None
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """What happened to one site: reported by every command and printed by the CLI."""
+
+    line: int
+    action: Action
+    refusal: Refusal | None = None
+    verified: bool = False
+
+    def as_dict(self) -> dict:
+        return {"line": self.line, "action": self.action.value,
+                "code": self.refusal.code.code if self.refusal else None,
+                "reason": str(self.refusal) if self.refusal else None, "verified": self.verified}
+
+    @staticmethod
+    def from_dict(data: dict) -> SiteReport:
+        code = next((c for c in Code if c.code == data["code"]), None)
+        refusal = Refusal(code, data["reason"].split(": ", 1)[-1]) if code is not None else None
+        return SiteReport(data["line"], Action(data["action"]), refusal, data["verified"])

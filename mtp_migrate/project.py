@@ -1,0 +1,74 @@
+"""The target project around a file: the folders up to its root, and its own line length.
+
+The root is the nearest folder holding ``.git``, ``pyproject.toml``, ``setup.py`` or
+``setup.cfg``. The line length is read as the project's formatter and linter read it:
+``[tool.ruff] line-length`` or ``[tool.black] line-length`` in ``pyproject.toml``, else
+flake8's ``max-line-length`` in ``setup.cfg`` or ``tox.ini``; the nearest folder that sets
+one wins. The default is 88.
+"""
+
+from __future__ import annotations
+
+import configparser
+from functools import lru_cache
+from pathlib import Path
+
+import tomllib
+
+from mtp_migrate.config import DEFAULT_LINE_LENGTH
+
+ROOT_MARKERS = (".git", "pyproject.toml", "setup.py", "setup.cfg")
+
+
+@lru_cache(maxsize=1024)
+def folders_up_to_root(start: Path) -> tuple[Path, ...]:
+    """``start`` (resolved) and its parents, up to and including the project root (or the file system's)."""
+    folders = []
+    for folder in (start, *start.parents):
+        folders.append(folder)
+        if any((folder / marker).exists() for marker in ROOT_MARKERS):
+            break
+    return tuple(folders)
+
+
+def project_root(start: Path) -> Path | None:
+    """The root of the project holding ``start``, if it is in one."""
+    folders = folders_up_to_root(start.resolve())
+    return folders[-1] if any((folders[-1] / marker).exists() for marker in ROOT_MARKERS) else None
+
+
+def line_length(folder: Path) -> int:
+    """The line length the project holding ``folder`` allows."""
+    return _line_length(folder.resolve())
+
+
+@lru_cache(maxsize=256)
+def _line_length(folder: Path) -> int:
+    for here in folders_up_to_root(folder):
+        found = _from_pyproject(here / "pyproject.toml") or _from_flake8(here / "setup.cfg") \
+            or _from_flake8(here / "tox.ini")
+        if found:
+            return found
+    return DEFAULT_LINE_LENGTH
+
+
+def _from_pyproject(path: Path) -> int | None:
+    try:
+        tool = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    for section in ("ruff", "black"):
+        value = tool.get(section, {}).get("line-length")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _from_flake8(path: Path) -> int | None:
+    parser = configparser.ConfigParser()
+    try:
+        parser.read_string(path.read_text(encoding="utf-8"))
+        value = parser.getint("flake8", "max-line-length", fallback=None)
+    except (OSError, UnicodeDecodeError, configparser.Error, ValueError):
+        return None
+    return value if value and value > 0 else None

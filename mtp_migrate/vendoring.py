@@ -1,0 +1,143 @@
+"""Where the utility the rewrite imports lives in the target tree, and whether it is ours.
+
+The rewrite imports ``compute_mtp_ce_loss`` from ``--utility-module`` (default
+``weighted_mtp.utils``). Looking up from the migrated file, that module is either:
+
+- a package in the tree (``weighted_mtp/utils/``): our ``loss_utils.py`` is written into it
+  (or is there already, byte-identical) and its ``__init__.py`` exports the functions;
+- a module file in the tree: it must be byte-identical to ours;
+- absent, with its parent package in the tree: we write it;
+- absent altogether: only the default resolves, to the ``weighted_mtp`` installed with us.
+
+Never over code we do not own: a different ``loss_utils.py``, a module that is not ours,
+or an ``__init__.py`` that binds the names to something else leaves every file alone and
+refuses the target's sites (MTP301), naming the file. ``--utility-module`` pointing at a
+new module is the way out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.codemod import CodemodContext
+
+from mtp_migrate.commands.export_utility import ExportUtilityCommand
+from mtp_migrate.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
+from mtp_migrate.cst_utils import code
+from mtp_migrate.project import folders_up_to_root
+from mtp_migrate.refusals import Code, Refusal
+
+# Located beside this package, not imported: importing it would import torch (which the CLI
+# does not need), and `import weighted_mtp` could find the target repository's own package.
+SHIPPED_UTILITY = Path(__file__).resolve().parents[1] / "weighted_mtp" / "utils" / "loss_utils.py"
+
+
+@dataclass(frozen=True)
+class UtilityTarget:
+    """How a target tree gets the utility: the files to write, or why it cannot."""
+
+    module: str
+    writes: dict = field(default_factory=dict)  # Path -> (old bytes, new bytes)
+    problem: Refusal | None = None
+    root: Path | None = None  # the folder the module is imported from (None: the installed weighted_mtp)
+
+
+def _shipped() -> bytes:
+    return SHIPPED_UTILITY.read_bytes()
+
+
+def _is_ours(path: Path) -> bool:
+    return path.resolve() == SHIPPED_UTILITY.resolve() or path.resolve().is_relative_to(SHIPPED_UTILITY.parent.resolve())
+
+
+def _candidates(directory: Path, parts: list[str]):
+    """``(package dir or module file, root)`` for the module under ``directory`` or ``directory/src``."""
+    for root in (directory, directory / "src"):
+        package = root.joinpath(*parts)
+        if (package / "__init__.py").is_file():
+            yield package, root
+        module = root.joinpath(*parts[:-1], parts[-1] + ".py")
+        if module.is_file():
+            yield module, root
+
+
+@lru_cache(maxsize=256)
+def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> UtilityTarget:
+    """Resolve ``module`` for files in ``directory`` (looking up to the repository root)."""
+    parts = module.split(".")
+    for folder in folders_up_to_root(directory):
+        for found, root in _candidates(folder, parts):
+            target = _into_package(module, found) if found.is_dir() else _module_file(module, found)
+            return replace(target, root=root)
+        for root in (folder, folder / "src"):
+            parent = root.joinpath(*parts[:-1])
+            if len(parts) > 1 and (parent / "__init__.py").is_file() and module != DEFAULT_UTILITY_MODULE:
+                path = parent / f"{parts[-1]}.py"
+                return UtilityTarget(module, {path: (b"", _shipped())}, root=root)
+    if module == DEFAULT_UTILITY_MODULE:
+        return UtilityTarget(module)  # the weighted_mtp installed with mtp-migrate
+    return UtilityTarget(module, problem=Refusal(
+        Code.UTILITY_UNAVAILABLE, f"--utility-module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
+                                  f"above {directory} to write it into"))
+
+
+def _module_file(module: str, path: Path) -> UtilityTarget:
+    if _is_ours(path) or path.read_bytes() == _shipped():
+        return UtilityTarget(module)
+    return UtilityTarget(module, problem=Refusal(
+        Code.FOREIGN_UTILITY, f"{path} is not mtp-migrate's loss utility (it differs); pass --utility-module "
+                              "with a new module to migrate anyway"))
+
+
+def _into_package(module: str, package: Path) -> UtilityTarget:
+    if _is_ours(package / "loss_utils.py"):
+        return UtilityTarget(module)
+    writes = {}
+    utility = package / "loss_utils.py"
+    if utility.exists():
+        if utility.read_bytes() != _shipped():
+            return UtilityTarget(module, problem=Refusal(
+                Code.FOREIGN_UTILITY, f"{utility} exists and is not mtp-migrate's (it differs); pass "
+                                      "--utility-module with a new module to migrate anyway"))
+    else:
+        writes[utility] = (b"", _shipped())
+    init = package / "__init__.py"
+    old = init.read_bytes()
+    try:
+        tree = cst.parse_module(old)
+    except cst.ParserSyntaxError:
+        return UtilityTarget(module, problem=Refusal(Code.FOREIGN_UTILITY, f"{init} does not parse"))
+    foreign = _foreign_bindings(tree, module)
+    if foreign:
+        return UtilityTarget(module, problem=Refusal(
+            Code.FOREIGN_UTILITY, f"{init} binds `{foreign}` to something other than mtp-migrate's loss_utils; pass "
+                                  "--utility-module with a new module to migrate anyway"))
+    new = ExportUtilityCommand(CodemodContext(filename=str(init)), module).transform_module(tree).bytes
+    if new != old:
+        writes[init] = (old, new)
+    return UtilityTarget(module, writes)
+
+
+def _foreign_bindings(tree: cst.Module, module: str) -> str | None:
+    """A utility name the package's ``__init__`` binds other than from our ``loss_utils``."""
+    ours = {".loss_utils", f"{module}.loss_utils"}
+    for node in m.findall(tree, m.FunctionDef() | m.ClassDef() | m.Assign() | m.Import() | m.ImportFrom()):
+        if isinstance(node, cst.ImportFrom):
+            source = "." * len(node.relative) + (code(node.module) if node.module else "")
+            if isinstance(node.names, cst.ImportStar):
+                continue
+            for alias in node.names:
+                bound = alias.asname.name.value if alias.asname else alias.evaluated_name
+                if bound in UTILITY_NAMES and (source not in ours or alias.evaluated_name != bound):
+                    return bound
+        elif isinstance(node, cst.FunctionDef | cst.ClassDef) and node.name.value in UTILITY_NAMES:
+            return node.name.value
+        elif isinstance(node, cst.Assign):
+            for target in node.targets:
+                if m.matches(target.target, m.Name()) and target.target.value in UTILITY_NAMES:
+                    return target.target.value
+    return None
