@@ -17,6 +17,7 @@ def reference_mtp_ce_loss(logits, labels, attention_mask, weights=None, *, n_fut
     weighted_ce_loss = zero
     per_head = []
     valid_heads = 0
+    heads_with_tokens = 0
     for k in range(1, n_future + 1):
         valid_len = seq_len - k
         if valid_len <= 0:
@@ -43,6 +44,7 @@ def reference_mtp_ce_loss(logits, labels, attention_mask, weights=None, *, n_fut
         if denominator > 0:
             weighted_ce_loss = weighted_ce_loss + (ce_k * weights_k * mask_k).sum() / denominator
             valid_heads += 1
+        heads_with_tokens += bool(mask_sum > 0)
         per_head.append((ce_k * mask_k).sum() / mask_sum if mask_sum > 0 else zero)
     heads = n_future if head_average == "all" else max(valid_heads, 1)
     per_head_ce_loss = torch.stack(per_head)
@@ -50,4 +52,6 @@ def reference_mtp_ce_loss(logits, labels, attention_mask, weights=None, *, n_fut
         "weighted_ce_loss": weighted_ce_loss / heads,
         "unweighted_ce_loss": per_head_ce_loss.sum() / n_future,
         "per_head_ce_loss": per_head_ce_loss,
+        "heads_with_tokens": torch.tensor(heads_with_tokens),
+        "heads_with_weight": torch.tensor(valid_heads),
     }

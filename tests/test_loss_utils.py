@@ -11,6 +11,7 @@ from mtp_reference import reference_mtp_ce_loss
 from weighted_mtp.utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted
 
 OUTPUTS = ("weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss")
+COUNTS = ("heads_with_tokens", "heads_with_weight")
 
 
 def make_batch(batch, seq, heads, vocab, *, seed=0, dtype=torch.float64, weights="2d", ignored_prefix=1,
@@ -60,6 +61,8 @@ def assert_same(ours, reference, atol, rtol=0.0):
     ref_out, ref_grad_logits, ref_grad_weights = reference
     for key in OUTPUTS:
         torch.testing.assert_close(out[key], ref_out[key].to(out[key].dtype), atol=atol, rtol=rtol, msg=key)
+    for key in COUNTS:
+        assert out[key].dtype == torch.int64 and out[key].dim() == 0 and out[key] == ref_out[key], key
     torch.testing.assert_close(grad_logits, ref_grad_logits, atol=atol, rtol=rtol)
     if ref_grad_weights is not None:
         torch.testing.assert_close(grad_weights, ref_grad_weights, atol=atol, rtol=rtol)
@@ -287,6 +290,49 @@ def test_head_with_no_valid_token_and_everything_masked():
     assert out["weighted_ce_loss"].item() == 0.0 and out["unweighted_ce_loss"].item() == 0.0
     (out["weighted_ce_loss"] + out["unweighted_ce_loss"]).backward()
     assert torch.count_nonzero(logits.grad) == 0
+
+
+@pytest.mark.parametrize("alignment", ["target", "previous", "input"])
+def test_trailing_singleton_weights_are_read_as_two_dimensional(alignment):
+    """``[B, S, 1]`` weights (a reward head's output) work in the loop wherever ``[B, S]`` do."""
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
+    flat = losses_and_grads(compute_mtp_ce_loss, logits, labels, attention_mask, weights, weight_alignment=alignment)
+    column = losses_and_grads(compute_mtp_ce_loss, logits, labels, attention_mask, weights[..., None],
+                              weight_alignment=alignment)
+    assert column[2].shape == (2, 6, 1)
+    assert_same(column, (flat[0], flat[1], flat[2][..., None]), atol=0.0)
+
+
+@pytest.mark.parametrize(("weights", "alignment"), [("2d", "previous"), ("2d", "input"), ("3d", "input")])
+def test_weights_that_never_reach_the_last_position_may_omit_it(weights, alignment):
+    """Input- and previous-aligned weights of ``S - 1`` positions work in the loop, so they work here."""
+    logits, labels, attention_mask, full = make_batch(2, 6, 3, 5, weights=weights)
+    short = full[:, :-1]
+    ours = losses_and_grads(compute_mtp_ce_loss, logits, labels, attention_mask, short, weight_alignment=alignment)
+    reference = losses_and_grads(reference_mtp_ce_loss, logits, labels, attention_mask, short,
+                                 weight_alignment=alignment)
+    assert_same(ours, reference, atol=1e-12)
+    out, grad_logits, _ = losses_and_grads(compute_mtp_ce_loss, logits, labels, attention_mask, full,
+                                           weight_alignment=alignment)
+    assert_same(ours, (out, grad_logits, ours[2]), atol=1e-12)  # the last position changes nothing
+
+
+def test_target_aligned_weights_need_every_position():
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 5)
+    with pytest.raises(ValueError, match=r"weights must have shape \(2, 6\)"):
+        compute_mtp_ce_loss(logits, labels, attention_mask, weights[:, :-1])
+
+
+def test_head_counts_say_which_guards_fired():
+    """``heads_with_tokens``: heads with ``sum(m) > 0``; ``heads_with_weight``: heads with ``D_k > 0``."""
+    logits, labels, attention_mask, weights = make_batch(2, 6, 4, 5, ignored_prefix=0, padding=0)
+    labels[:, 2:] = -100  # only head 1 (positions 1..) keeps a label: position 1
+    weights[:, 1] = 0.0  # ... and its weight is 0
+    out = compute_mtp_ce_loss(logits, labels, attention_mask, weights, normalize="weights")
+    assert (int(out["heads_with_tokens"]), int(out["heads_with_weight"])) == (1, 0)
+    out = compute_mtp_ce_loss(logits, labels, attention_mask.zero_(), weights)
+    assert (int(out["heads_with_tokens"]), int(out["heads_with_weight"])) == (0, 0)
+    assert not out["heads_with_tokens"].requires_grad
 
 
 def test_output_dtypes():

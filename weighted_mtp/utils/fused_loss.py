@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .loss_utils import (
+    MTPLoss,
     _aligned_weights,
+    _as_read,
     _position_chunks,
     _safe_divide,
     _upcast_minus,
@@ -59,7 +61,7 @@ def compute_mtp_ce_loss_from_hidden(
     normalize: str = "mask",
     head_average: str = "all",
     chunk_size: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> MTPLoss:
     """``compute_mtp_ce_loss(F.linear(hidden, weight, bias), labels, ...)`` without the logits.
 
     Same options, semantics and return dict as ``compute_mtp_ce_loss`` (see
@@ -79,8 +81,7 @@ def compute_mtp_ce_loss_from_hidden(
     module that owns it): outside, ``weight`` is a sharded DTensor.
     """
     _validate_unembedding(hidden, weight, bias)
-    if isinstance(labels, torch.Tensor) and labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
-        labels = labels.long()  # as cross_entropy reads them: -100 and the vocabulary size fit
+    labels, weights = _as_read(labels, weights)
     batch, seq, n_heads, _ = hidden.shape
     # The logits' shape, device and dtype without their memory: _validate reads nothing else.
     logits_like = hidden.new_empty(()).expand(batch, seq, n_heads, weight.shape[0])
@@ -139,6 +140,8 @@ def compute_mtp_ce_loss_from_hidden(
         "weighted_ce_loss": per_head_weighted.sum() / heads_counted + carrier,
         "unweighted_ce_loss": per_head_loss.sum() / n_future,
         "per_head_ce_loss": per_head_loss,
+        "heads_with_tokens": (mask_sum > 0).sum(),
+        "heads_with_weight": (denominator > 0).sum(),
     }
 
 

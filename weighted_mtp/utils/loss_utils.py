@@ -19,9 +19,11 @@ also why it is one module of a little over 400 lines rather than several.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
-__all__ = ["compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"]
+__all__ = ["MTPLoss", "compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"]
 
 _WEIGHT_ALIGNMENTS = ("target", "previous", "input")
 _NORMALIZE = ("mask", "weights")
@@ -30,6 +32,16 @@ _HEAD_AVERAGE = ("all", "valid")
 # of the logits, so the loss costs the gradient plus a few percent of L.
 _AUTO_CHUNK_ELEMENTS = 1 << 22
 _AUTO_CHUNK_FRACTION = 32
+
+
+class MTPLoss(TypedDict):
+    """What ``compute_mtp_ce_loss`` returns."""
+
+    weighted_ce_loss: torch.Tensor  # 0-d
+    unweighted_ce_loss: torch.Tensor  # 0-d
+    per_head_ce_loss: torch.Tensor  # [n_future]
+    heads_with_tokens: torch.Tensor  # 0-d int64: heads with sum(m) > 0 (a loop's `if mask_sum > 0` fired)
+    heads_with_weight: torch.Tensor  # 0-d int64: heads with D_k > 0
 
 
 def compute_mtp_ce_loss(
@@ -46,7 +58,7 @@ def compute_mtp_ce_loss(
     head_average: str = "all",
     overwrite_logits: bool = False,
     chunk_size: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> MTPLoss:
     """Weighted and unweighted MTP cross-entropy, exactly as the per-head loop computes it.
 
     For head ``k = 1..n`` and positions ``t = 0..S-k-1``:
@@ -56,7 +68,8 @@ def compute_mtp_ce_loss(
       ``mask_ignored_labels``;
     - ``w[t]`` is ``weights[:, t+k]`` (``weight_alignment="target"``), ``weights[:, t+k-1]``
       (``"previous"``) or ``weights[:, t]`` (``"input"``); 3-D weights ``[B, S, n]`` give
-      ``weights[:, t, k-1]`` and require ``"input"``; no weights give 1;
+      ``weights[:, t, k-1]`` and require ``"input"``; ``[B, S, 1]`` weights are ``[B, S]``
+      ones; no weights give 1;
     - ``weighted_k = sum(ce*w*m) / D_k`` with ``D_k = sum(m)`` (``normalize="mask"``) or
       ``sum(w*m)`` (``"weights"``), and 0 when ``D_k == 0``;
     - ``unweighted_k = sum(ce*m) / sum(m)``, 0 when ``sum(m) == 0``.
@@ -75,7 +88,9 @@ def compute_mtp_ce_loss(
         attention_mask: ``[B, S]`` mask of any dtype. Its values are used as they are
             (0/1, bool, soft or segment ids), not binarised.
         weights: ``None``, ``[B, S]`` or ``[B, S, n]`` per-token weights of any real dtype
-            (bool, integer or floating); their values are used as they are.
+            (bool, integer or floating); their values are used as they are. ``[B, S, 1]``
+            (a reward head's output) is read as ``[B, S]``. With ``"input"`` or ``"previous"``
+            alignment, ``S - 1`` positions suffice (the last one is never read).
         n_future: number of heads to use (the first ``n_future``); default all. Above
             ``n_heads`` only when the heads past it have no position (``k >= S``): they count
             as empty heads, as the loop counts them.
@@ -92,15 +107,14 @@ def compute_mtp_ce_loss(
             an unknown option value, 3-D weights with an alignment other than ``"input"``,
             or (on CPU) a label outside ``[0, V)`` other than ``ignore_index``.
     """
-    if isinstance(labels, torch.Tensor) and labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
-        labels = labels.long()  # as cross_entropy reads them: -100 and the vocabulary size fit
+    labels, weights = _as_read(labels, weights)
     n_future = _validate(
         logits, labels, attention_mask, weights,
         n_future=n_future, ignore_index=ignore_index, weight_alignment=weight_alignment,
         mask_ignored_labels=mask_ignored_labels, normalize=normalize,
         head_average=head_average, overwrite_logits=overwrite_logits, chunk_size=chunk_size,
     )
-    weighted, unweighted, per_head = _MTPCrossEntropy.apply(
+    weighted, unweighted, per_head, with_tokens, with_weight = _MTPCrossEntropy.apply(
         logits, weights, attention_mask, labels, n_future, ignore_index, weight_alignment,
         mask_ignored_labels, normalize, head_average, overwrite_logits, chunk_size,
     )
@@ -108,6 +122,8 @@ def compute_mtp_ce_loss(
         "weighted_ce_loss": weighted,
         "unweighted_ce_loss": unweighted,
         "per_head_ce_loss": per_head,
+        "heads_with_tokens": with_tokens,
+        "heads_with_weight": with_weight,
     }
 
 
@@ -129,6 +145,16 @@ def compute_mtp_ce_loss_unweighted(
         mask_ignored_labels=mask_ignored_labels, overwrite_logits=overwrite_logits,
         chunk_size=chunk_size,
     )["unweighted_ce_loss"]
+
+
+def _as_read(labels, weights):
+    """Labels and weights as the loop reads them: narrow integer labels widened (as cross_entropy
+    does: -100 and the vocabulary fit) and ``[B, S, 1]`` weights as ``[B, S]`` (a view: same gradient)."""
+    if isinstance(labels, torch.Tensor) and labels.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        labels = labels.long()
+    if isinstance(weights, torch.Tensor) and weights.dim() == 3 and weights.shape[2] == 1:
+        weights = weights[..., 0]
+    return labels, weights
 
 
 def _validate(logits, labels, attention_mask, weights, *, n_future, ignore_index,
@@ -172,13 +198,17 @@ def _validate(logits, labels, attention_mask, weights, *, n_future, ignore_index
             raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
         if weights.is_complex():  # the loop promotes bool and integer weights, so only complex is foreign
             raise TypeError(f"weights must be a real (bool, integer or floating point) tensor, got {weights.dtype}")
+        # Input- and previous-aligned weights never read position S-1.
+        lengths = (seq, seq - 1) if weight_alignment != "target" else (seq,)
+        shown = " or ".join(map(str, lengths))
         if weights.dim() == 2:
-            if weights.shape != (batch, seq):
-                raise ValueError(f"2-D weights must have shape {(batch, seq)}, got {tuple(weights.shape)}")
+            if weights.shape[0] != batch or weights.shape[1] not in lengths:
+                raise ValueError(f"2-D weights must have shape ({batch}, {shown}), got {tuple(weights.shape)}")
         elif weights.dim() == 3:
-            if weights.shape[:2] != (batch, seq) or weights.shape[2] < min(n_future, n_heads):
+            if weights.shape[0] != batch or weights.shape[1] not in lengths or \
+                    weights.shape[2] < min(n_future, n_heads):
                 raise ValueError(
-                    f"3-D weights must have shape ({batch}, {seq}, >={min(n_future, n_heads)}), got "
+                    f"3-D weights must have shape ({batch}, {shown}, >={min(n_future, n_heads)}), got "
                     f"{tuple(weights.shape)}"
                 )
             if weight_alignment != "input":
@@ -288,6 +318,8 @@ class _MTPCrossEntropy(torch.autograd.Function):
             heads_counted = (denominator > 0).sum().to(compute_dtype).clamp_min(1)
         weighted = per_head_weighted.sum() / heads_counted
         unweighted = per_head.sum() / n_future
+        with_tokens, with_weight = (mask_sum > 0).sum(), (denominator > 0).sum()
+        ctx.mark_non_differentiable(with_tokens, with_weight)
 
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(logits, weights)
@@ -295,10 +327,10 @@ class _MTPCrossEntropy(torch.autograd.Function):
                          per_head_weighted, per_head, heads_counted)
             ctx.options = (n_future, weight_alignment, mask_ignored_labels, normalize, overwrite_logits,
                            positions_per_chunk, attention_mask.dtype)
-        return weighted, unweighted, per_head
+        return weighted, unweighted, per_head, with_tokens, with_weight
 
     @staticmethod
-    def backward(ctx, grad_weighted, grad_unweighted, grad_per_head):
+    def backward(ctx, grad_weighted, grad_unweighted, grad_per_head, _tokens, _weight):
         # create_graph=True runs this with grad enabled. A second differentiation would be silently
         # wrong (a gradient penalty's term dropped, when the engine prunes any guard node), so refuse now.
         if torch.is_grad_enabled():
