@@ -18,7 +18,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.cst_utils import code
-from mtp_migrate.mtp_loop.dataflow import FlowIndex, Level, Point, blocks_of, locate
+from mtp_migrate.flow.dataflow import FlowIndex, Level, Point, blocks_of, locate
 from mtp_migrate.mtp_loop.find import find_sites
 from mtp_migrate.refusals import Code, Refusal
 from mtp_migrate.source import MigrationError, parse_source

@@ -19,7 +19,7 @@ from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 from mtp_migrate.commands.add_utility_import import AddUtilityImportCommand
 from mtp_migrate.commands.remove_dead_code import RemoveDeadCodeCommand
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
-from mtp_migrate.mtp_loop.dataflow import FlowIndex
+from mtp_migrate.flow.dataflow import FlowIndex
 from mtp_migrate.mtp_loop.emit import removed_statements
 from mtp_migrate.mtp_loop.plan import (
     Decision,

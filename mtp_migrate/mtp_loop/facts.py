@@ -14,7 +14,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.cst_utils import code, literal_int
-from mtp_migrate.mtp_loop.dataflow import Definition, FlowIndex, Point, reaching_definition
+from mtp_migrate.flow.dataflow import Definition, FlowIndex, Point, reaching_definition
 from mtp_migrate.mtp_loop.symbolic import Dim, Lin
 
 _DEPTH = 8  # how many definitions deep a fact is followed

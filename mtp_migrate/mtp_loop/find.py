@@ -11,11 +11,11 @@ from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProv
 
 from mtp_migrate.config import UTILITY_NAMES
 from mtp_migrate.cst_utils import code, dotted, literal_number
+from mtp_migrate.flow.dataflow import FlowIndex, Point, live_after, locate
+from mtp_migrate.flow.names import binds
 from mtp_migrate.mtp_loop.classify import classify
-from mtp_migrate.mtp_loop.dataflow import FlowIndex, Point, live_after, locate
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator, evaluate
 from mtp_migrate.mtp_loop.facts import Facts
-from mtp_migrate.mtp_loop.names import binds
 from mtp_migrate.mtp_loop.site import Site
 from mtp_migrate.mtp_loop.spec import Average
 from mtp_migrate.mtp_loop.symbolic import Ratio, View

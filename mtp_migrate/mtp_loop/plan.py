@@ -15,9 +15,9 @@ import libcst.matchers as m
 
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_UTILITY_MODULE, UTILITY_NAMES
 from mtp_migrate.cst_utils import code
+from mtp_migrate.flow.names import binds, bound_name, target_names
 from mtp_migrate.mtp_loop.emit import del_statement, function_name, replacement
 from mtp_migrate.mtp_loop.find import Analysis, find_sites
-from mtp_migrate.mtp_loop.names import binds, bound_name, target_names
 from mtp_migrate.mtp_loop.site import Site
 from mtp_migrate.mtp_loop.spec import Action
 from mtp_migrate.refusals import Code, Refusal

@@ -15,7 +15,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.cache import Cache, digest, file_digest
-from mtp_migrate.mtp_loop.dataflow import FlowIndex, Point, locate
+from mtp_migrate.flow.dataflow import FlowIndex, Point, locate
 from mtp_migrate.mtp_loop.plan import Decision, UtilityImport, marked_regions
 from mtp_migrate.mtp_loop.spec import Action
 from mtp_migrate.refusals import Code, Refusal

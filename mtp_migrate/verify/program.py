@@ -22,8 +22,8 @@ import libcst.matchers as m
 from libcst.metadata import MetadataWrapper
 
 from mtp_migrate.cst_utils import code
-from mtp_migrate.mtp_loop.dataflow import ALL, FlowIndex, Point, live_after, reaching_definition
-from mtp_migrate.mtp_loop.names import binds
+from mtp_migrate.flow.dataflow import ALL, FlowIndex, Point, live_after, reaching_definition
+from mtp_migrate.flow.names import binds
 from mtp_migrate.refusals import Code, Refusal
 from mtp_migrate.verify.slots import (
     SLOT_PREFIX,

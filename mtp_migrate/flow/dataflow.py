@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
-from mtp_migrate.mtp_loop.names import (
+from mtp_migrate.flow.names import (
     binds,
     definitely_binds,
     header_binds,
