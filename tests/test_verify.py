@@ -120,12 +120,13 @@ def test_the_verifier_binds_nothing_from_the_recognizer():
     decisions = plan(module, rho1="rewrite")
     assert [d.action for d in decisions] == [Action.SKIPPED]
     assert decisions[0].refusal.code is Code.NOT_TORCH_CROSS_ENTROPY
-    # Forced through anyway, the verifier cannot run the loop: it does not assume G is torch.
+    # Forced through anyway, the verifier refuses to run the loop: it does not assume G is torch.
     (good,) = plan(cst.parse_module(fixture("verifiable_weighted_and_unweighted")), rho1="rewrite")
     forced = [replace(good, site=replace(decisions[0].site, spec=good.site.spec))]
     results = verify_sites(module, written(module, forced), forced, utility_import(module), str(SHIPPED_UTILITY))
     (refusal,) = results.values()
-    assert refusal.code in (Code.NOT_EXERCISED, Code.NOT_RUNNABLE), refusal
+    assert refusal.code is Code.OPAQUE_CALL, refusal
+    assert "`G.cross_entropy`" in str(refusal) and "`not_a_module_anywhere`" in str(refusal)
 
 
 def test_slots_are_read_off_the_code():

@@ -12,7 +12,7 @@ in a branch, a loop or a handler is ``OPAQUE``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import libcst as cst
@@ -229,8 +229,9 @@ class Definition:
     """How a name gets its value at a point.
 
     ``kind`` is ``"statement"`` (the single straight-line definition ``statement``, at
-    ``point``), ``"opaque"`` (bound in a branch, a loop, a handler or a loop header),
-    ``"parameter"`` or ``"global"`` (not bound in the function).
+    ``point``), ``"change"`` (a straight-line statement that may change the name's value in
+    place, asked for with ``changes``), ``"opaque"`` (bound or changed in a branch, a loop, a
+    handler or a loop header), ``"parameter"`` or ``"global"`` (not bound in the function).
     """
 
     kind: str
@@ -241,11 +242,15 @@ class Definition:
 OPAQUE = Definition("opaque")
 
 
-def reaching_definition(index: FlowIndex, point: Point, name: str) -> Definition:
-    """The definition of ``name`` that reaches ``block[start]`` of ``point``."""
+Changes = Callable[[cst.BaseStatement], frozenset[str]]  # names whose value a statement may change in place
+
+
+def reaching_definition(index: FlowIndex, point: Point, name: str, changes: Changes | None = None) -> Definition:
+    """The definition of ``name`` that reaches ``block[start]`` of ``point``; with ``changes``, a
+    statement that may change the name's value in place (``x.a = 1``, ``x.add_(1)``) counts too."""
     scope = point.scope
     for depth, level in enumerate(point.levels):
-        found = _search_backwards(level.block[:level.index], name, point.levels[depth:], scope)
+        found = _search_backwards(level.block[:level.index], name, point.levels[depth:], scope, changes)
         if found is not None:
             return found
         owner = level.owner
@@ -265,22 +270,27 @@ def reaching_definition(index: FlowIndex, point: Point, name: str) -> Definition
     return Definition("global")
 
 
-def _search_backwards(statements, name: str, levels: tuple[Level, ...], scope) -> Definition | None:
+def _search_backwards(statements, name: str, levels: tuple[Level, ...], scope,
+                      changes: Changes | None = None) -> Definition | None:
     for position in range(len(statements) - 1, -1, -1):
         statement = statements[position]
-        if name not in binds(statement):
+        changed = changes is not None and name in changes(statement)
+        if name not in binds(statement) and not changed:
             continue
         if isinstance(statement, cst.With) and name not in {
                 n for item in statement.items if item.asname for n in binds(item.asname)}:
             inner = statement.body.body
             level = Level(tuple(inner), len(inner), statement, "body")
-            found = _search_backwards(inner, name, (level, *_with_position(levels, position)), scope)
+            found = _search_backwards(inner, name, (level, *_with_position(levels, position)), scope, changes)
             return found if found is not None else OPAQUE
         if name in definitely_binds(statement) and (
                 isinstance(statement, cst.SimpleStatementLine | cst.FunctionDef | cst.ClassDef)):
             if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) != 1:
                 return OPAQUE  # `a = 1; b = a` on one line: keep slices statement-sized
             return Definition("statement", statement, Point(scope, _with_position(levels, position), position + 1))
+        if changed and name not in binds(statement) and isinstance(statement, cst.SimpleStatementLine) and \
+                len(statement.body) == 1:
+            return Definition("change", statement, Point(scope, _with_position(levels, position), position + 1))
         return OPAQUE
     return None
 

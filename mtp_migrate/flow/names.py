@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
+from typing import Literal
 
 import libcst as cst
 
@@ -272,3 +273,107 @@ def reads(node: cst.CSTNode) -> set[str]:
     reader = _Reads()
     node.visit(reader)
     return reader.names
+
+
+# Tensor methods by what they do to their tensor (the common ones; an unknown method is neither).
+TENSOR_READ_ONLY = frozenset({
+    "float", "double", "half", "bfloat16", "long", "int", "bool", "short", "byte", "char", "to", "type", "type_as",
+    "detach", "reshape", "view", "view_as", "reshape_as", "flatten", "unflatten", "contiguous", "transpose", "t",
+    "permute", "movedim", "swapaxes", "squeeze", "unsqueeze", "sum", "mean", "nanmean", "nansum", "max", "min", "amax",
+    "amin", "aminmax", "clamp", "clamp_min", "clamp_max", "clip", "ne", "eq", "gt", "ge", "lt", "le", "log_softmax",
+    "softmax", "logsumexp", "exp", "log", "log1p", "expm1", "abs", "neg", "sign", "sqrt", "rsqrt", "square", "pow",
+    "reciprocal", "sigmoid", "tanh", "relu", "floor", "ceil", "round", "trunc", "frac", "new_zeros", "new_tensor",
+    "new_ones", "new_empty", "new_full", "masked_fill", "masked_select", "masked_scatter", "gather", "scatter",
+    "scatter_add", "index_select", "index_fill", "index_add", "take", "take_along_dim", "expand", "expand_as",
+    "clone", "cpu", "cuda", "split", "tensor_split", "chunk", "unbind", "narrow", "select", "unfold", "flip", "roll",
+    "repeat", "repeat_interleave", "tril", "triu", "diagonal", "any", "all", "nonzero", "count_nonzero", "cumsum",
+    "cumprod", "diff", "argmax", "argmin", "topk", "sort", "argsort", "kthvalue", "unique", "size", "dim", "numel",
+    "item", "tolist", "element_size", "stride", "is_contiguous", "is_floating_point", "is_complex", "sub", "add",
+    "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "matmul", "mm", "bmm", "dot", "outer", "where",
+    "lerp", "addcmul", "logical_and", "logical_or", "logical_xor", "logical_not", "isnan", "isinf", "isfinite",
+    "nan_to_num", "norm", "std", "var", "prod", "median", "equal", "allclose", "isclose", "dist", "numpy",
+})
+TENSOR_IN_PLACE = frozenset({
+    "zero_", "fill_", "mul_", "add_", "sub_", "div_", "clamp_", "masked_fill_", "scatter_", "scatter_add_",
+    "index_fill_", "index_add_", "copy_", "exp_", "log_", "neg_", "abs_", "pow_", "sqrt_", "squeeze_",
+    "unsqueeze_", "t_", "transpose_", "requires_grad_", "retain_grad", "register_hook", "backward", "set_",
+    "resize_", "uniform_", "normal_", "bernoulli_", "random_", "relu_", "sigmoid_", "tanh_", "round_", "floor_",
+})
+# Methods that read their object and change nothing: read-only tensor methods, and those of
+# dicts, lists, strings and modules. Any other method may change its object.
+READ_ONLY_METHODS = TENSOR_READ_ONLY | {
+    "get", "keys", "values", "items", "copy", "index", "count", "startswith", "endswith", "format", "join",
+    "strip", "lower", "upper", "replace", "parameters", "named_parameters", "buffers", "state_dict",
+}
+
+
+CallKind = Literal["pure", "function", "method"]
+
+
+def call_kind(call: cst.Call) -> CallKind:
+    """Without knowing what names refer to: ``f(x)`` is a function, ``x.f()`` a method."""
+    return "method" if isinstance(call.func, cst.Attribute) else "function"
+
+
+def changed_in_place(node: cst.CSTNode, kind: Callable[[cst.Call], CallKind] = call_kind) -> frozenset[str]:
+    """Names whose objects ``node`` may change without rebinding them: the roots of attribute and
+    subscript stores and deletions, the objects of methods that are not read-only, and the
+    arguments of any call ``kind`` does not call pure (a project function may change what it is
+    given; a read-only method changes nothing)."""
+    collector = _Changes(kind)
+    node.visit(collector)
+    return frozenset(collector.names)
+
+
+def root_name(node: cst.BaseExpression) -> str | None:
+    """``x`` for ``x``, ``x.a``, ``x[i]`` and ``x.a[i].b``; ``None`` for anything else (a call's value)."""
+    while isinstance(node, cst.Attribute | cst.Subscript):
+        node = node.value
+    return node.value if isinstance(node, cst.Name) else None
+
+
+class _Changes(cst.CSTVisitor):
+    def __init__(self, kind: Callable[[cst.Call], CallKind]):
+        self.kind = kind
+        self.names: set[str] = set()
+
+    def _store(self, target: cst.BaseExpression) -> None:
+        if isinstance(target, cst.Tuple | cst.List):
+            for element in target.elements:
+                self._store(element.value)
+        elif isinstance(target, cst.StarredElement):
+            self._store(target.value)
+        elif isinstance(target, cst.Attribute | cst.Subscript) and (root := root_name(target)) is not None:
+            self.names.add(root)
+
+    def visit_AssignTarget(self, node: cst.AssignTarget) -> None:
+        self._store(node.target)
+
+    def visit_AugAssign(self, node: cst.AugAssign) -> None:
+        self._store(node.target)
+
+    def visit_AnnAssign(self, node: cst.AnnAssign) -> None:
+        if node.value is not None:
+            self._store(node.target)
+
+    def visit_Del(self, node: cst.Del) -> None:
+        self._store(node.target)
+
+    def visit_Call(self, node: cst.Call) -> None:
+        kind = self.kind(node)
+        if kind == "pure" or (kind == "method" and node.func.attr.value in READ_ONLY_METHODS):
+            return
+        if kind == "method" and (root := root_name(node.func.value)) is not None:
+            self.names.add(root)
+        for arg in node.args:
+            if (root := root_name(arg.value)) is not None:
+                self.names.add(root)
+
+    def visit_FunctionDef(self, node) -> bool:
+        return False  # a nested function changes nothing until it is called (and then its call counts)
+
+    def visit_ClassDef(self, node) -> bool:
+        return False
+
+    def visit_Lambda(self, node) -> bool:
+        return False

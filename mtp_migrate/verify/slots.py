@@ -11,20 +11,13 @@ import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, ParentNodeProvider
 
 from mtp_migrate.cst_utils import code, literal_int, string_value
+from mtp_migrate.flow.names import TENSOR_IN_PLACE, TENSOR_READ_ONLY
 
 # Attribute names that read a tensor rather than an object's field: a path stops before them.
 TENSOR_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda", "requires_grad", "grad", "data",
                      "layout", "is_floating_point", "dim", "size", "numel", "item", "tolist"}
 # Method names that only a tensor (among the values slots can take) has.
-TENSOR_METHODS = {
-    "float", "double", "half", "bfloat16", "long", "int", "bool", "short", "byte", "to", "type", "type_as", "detach",
-    "reshape", "view", "view_as", "reshape_as", "flatten", "contiguous", "transpose", "permute", "squeeze",
-    "unsqueeze", "sum", "mean", "max", "min", "amax", "clamp", "clamp_min", "clip", "ne", "eq", "gt", "ge", "lt",
-    "le", "log_softmax", "softmax", "exp", "log", "abs", "new_zeros", "new_tensor", "new_ones", "masked_fill",
-    "gather", "expand", "expand_as", "clone", "cpu", "cuda", "split", "chunk", "narrow", "select", "index_select",
-    "any", "all", "nonzero", "cumsum", "argmax", "topk", "size", "dim", "numel", "item", "sub", "add", "mul", "div",
-    "pow", "sqrt", "where", "masked_select", "repeat", "zero_", "fill_", "mul_", "add_", "logical_and", "logical_not",
-}
+TENSOR_METHODS = TENSOR_READ_ONLY | TENSOR_IN_PLACE
 SLOT_PREFIX = "mtp_slot_"
 
 
@@ -202,8 +195,12 @@ def hint(path: str) -> str:
     return re.findall(r"[A-Za-z_][A-Za-z_0-9]*", path)[-1].lower()
 
 
-def read_kinds(module: cst.Module, slots: dict[str, Slot]) -> None:
-    """Set each slot's kind and rank from how the program uses it (and names bound to it)."""
+def read_kinds(module: cst.Module, slots: dict[str, Slot], priors: dict[str, str] | None = None) -> None:
+    """Set each slot's kind and rank from how the program uses it (and names bound to it).
+
+    ``priors`` (path -> kind) come from what the code declares: annotations and defaults. A
+    keyword (``device=``, ``dtype=``) outweighs them; ``.to(x)`` alone is a dtype unless the
+    declaration or the name says device (a device input is tried as ``cpu``)."""
     wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
     parents = wrapper.resolve(ParentNodeProvider)
     by_param = {slot.param: slot for slot in slots.values()}
@@ -215,8 +212,8 @@ def read_kinds(module: cst.Module, slots: dict[str, Slot]) -> None:
             value = value.func.value
         if isinstance(value, cst.Name) and value.value in by_param:
             aliases[assign.targets[0].target.value] = value.value
-    evidence: dict[str, dict] = {p: {"tensor": 0, "rank": 0, "exact": None, "dtype": 0, "device": 0, "scalar": 0}
-                                 for p in by_param}
+    evidence: dict[str, dict] = {p: {"tensor": 0, "rank": 0, "exact": None, "dtype": 0, "device": 0, "scalar": 0,
+                                     "to": 0} for p in by_param}
     for name in m.findall(module, m.Name()):
         param = name.value if name.value in by_param else aliases.get(name.value)
         if param is None:
@@ -224,14 +221,17 @@ def read_kinds(module: cst.Module, slots: dict[str, Slot]) -> None:
         _observe(name, parents, evidence[param])
     for param, seen in evidence.items():
         slot = by_param[param]
-        if seen["tensor"]:
+        prior = (priors or {}).get(slot.path)
+        if seen["tensor"] or (prior == "tensor" and not (seen["device"] or seen["dtype"])):
             slot.kind = "tensor"
             slot.rank = seen["exact"] or (seen["rank"] or None)
             slot.rank_is_exact = bool(seen["exact"])
-        elif seen["dtype"]:
-            slot.kind = "dtype"
-        elif seen["device"]:
+        elif seen["device"] or (prior == "device" and not seen["dtype"]):
             slot.kind = "device"
+        elif seen["dtype"] or prior == "dtype":
+            slot.kind = "dtype"
+        elif seen["to"]:
+            slot.kind = "device" if "device" in slot.hint else "dtype"
         else:
             slot.kind = "scalar"
 
@@ -241,7 +241,10 @@ def _observe(node: cst.Name, parents, seen: dict) -> None:
     if isinstance(parent, cst.Attribute) and parent.value is node:
         attribute = parent.attr.value
         grand = parents.get(parent)
-        if attribute in TENSOR_ATTRIBUTES or attribute in TENSOR_METHODS:
+        called = isinstance(grand, cst.Call) and grand.func is parent
+        if attribute in ("type", "index") and not called:
+            seen["device"] += 1  # `device.type == "cuda"`: a tensor's `type` is a method
+        elif attribute in TENSOR_ATTRIBUTES or attribute in TENSOR_METHODS:
             seen["tensor"] += 1
         if attribute == "shape":
             if isinstance(grand, cst.Subscript) and len(grand.slice) == 1 and isinstance(grand.slice[0].slice,
@@ -271,7 +274,7 @@ def _observe(node: cst.Name, parents, seen: dict) -> None:
         call = parents.get(parent)
         if isinstance(call, cst.Call) and m.matches(call.func, m.Attribute(attr=m.Name("to"))) and \
                 parent.keyword is None:
-            seen["dtype"] += 1
+            seen["to"] += 1  # a dtype or a device
         if isinstance(call, cst.Call) and m.matches(call.func, m.Attribute(attr=m.Name("type_as"))):
             seen["tensor"] += 1
         return
