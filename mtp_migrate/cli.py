@@ -313,9 +313,11 @@ def check(**options):
 @click.option("--exclude", multiple=True, help="glob of files or folders to leave out (repeatable)")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="worker processes (at most one per file)")
+@click.option("--utility-module", default=DEFAULT_UTILITY_MODULE, show_default=True, callback=_module_name,
+              help="import path of compute_mtp_ce_loss in the migrated code (its file is loaded by path)")
 @_apply_all(_output_options())
 @click.option("--quiet", "-q", is_flag=True, help="print only sites that are not equivalent, and errors")
-def verify(paths, base, include, exclude, jobs, output_format, as_json, color, quiet):
+def verify(paths, base, include, exclude, jobs, utility_module, output_format, as_json, color, quiet):
     """Check that every site changed since git REV computes what it computed there."""
     from mtp_migrate.since import changed_files
 
@@ -335,7 +337,8 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
             if not c.problem and c.path.resolve() in changed]
     reports.update({c.path.as_posix(): FileReport(c.path.as_posix(), "unchanged") for c in candidates
                     if not c.problem and c.path.resolve() not in changed})
-    reports.update((report.path, report) for report in _in_workers(partial(_verify_one, revision=base), todo, jobs))
+    reports.update((report.path, report) for report in _in_workers(
+        partial(_verify_one, revision=base, utility_module=utility_module), todo, jobs))
     reports = [reports[key] for key in sorted(reports)]
     summary = summary_of(reports)
     not_equivalent = [s for r in reports for s in r.sites if s["action"] != "skipped" and not s["verified"]]
@@ -346,7 +349,7 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
     else:
         for report in reports:
             for site in report.sites:
-                verdict = "equivalent" if site["verified"] else f"NOT equivalent: {site['reason']}"
+                verdict = "equivalent" if site["verified"] else f"{_verdict(site)}: {site['reason']}"
                 if quiet and site["verified"]:
                     continue
                 out.print(f"{report.path}:{site['line']}: {verdict}", markup=False, highlight=False, soft_wrap=True)
@@ -355,13 +358,19 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
     sys.exit(3 if internal else 2 if summary["errors"] else 1 if not_equivalent else 0)
 
 
-def _verify_one(job: tuple[Path, Path, str], revision: str) -> FileReport:
+def _verdict(site: dict) -> str:
+    """A site that computes something else, or one the verifier could not judge (both exit 1)."""
+    judged = site["code"] in (Code.NOT_EQUIVALENT.code, Code.REWRITE_RAISES.code)
+    return "NOT equivalent" if judged else "could not be judged"
+
+
+def _verify_one(job: tuple[Path, Path, str], revision: str, utility_module: str) -> FileReport:
     """One changed file against its version at ``revision`` (runs in a worker; never raises)."""
     from mtp_migrate.since import verify_file
 
     path, root, old_path = job
     try:
-        sites = verify_file(path, root, old_path, revision)
+        sites = verify_file(path, root, old_path, revision, utility_module)
     except (MigrationError, OSError) as error:
         return FileReport(path.as_posix(), "error", str(error))
     except Exception as error:  # a bug of ours must not stop the batch either

@@ -10,6 +10,7 @@ one, so a drifted copy of ``loss_utils.py`` is caught too.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import libcst as cst
 import libcst.matchers as m
 
+from mtp_migrate.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
 from mtp_migrate.cst_utils import code
 from mtp_migrate.flow.dataflow import FlowIndex, Level, Point, blocks_of, locate
 from mtp_migrate.mtp_loop.find import find_sites
@@ -73,17 +75,49 @@ def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
     return changed
 
 
-def _utility_files(root: Path) -> dict[str, str]:
-    """The target's own copy of the utility, if it has one (else the import resolves to ours)."""
+def utility_files(root: Path, module: str = DEFAULT_UTILITY_MODULE) -> dict[str, str]:
+    """``{module name: file}`` for the utility the new code's imports of ``module`` load: the target's own
+    file (for a package, its ``loss_utils.py`` or the file its ``__init__`` imports the utility from),
+    loaded by path, never through the package; ours where the target has none of its own."""
+    parts = module.split(".")
     for base in (root, root / "src"):
-        utility = base / "weighted_mtp" / "utils" / "loss_utils.py"
-        if utility.is_file():
-            return {"weighted_mtp.utils": str(utility), "weighted_mtp.utils.loss_utils": str(utility)}
-    return {"weighted_mtp.utils": str(SHIPPED_UTILITY), "weighted_mtp.utils.loss_utils": str(SHIPPED_UTILITY)}
+        package, single = base.joinpath(*parts), base.joinpath(*parts[:-1], f"{parts[-1]}.py")
+        if single.is_file():
+            return {module: str(single)}
+        if (package / "__init__.py").is_file():
+            found = _defining_file(package)
+            return {module: str(found), f"{module}.{found.stem}": str(found)}
+    return {module: str(SHIPPED_UTILITY), f"{module}.loss_utils": str(SHIPPED_UTILITY)}
+
+
+def _defining_file(package: Path) -> Path:
+    """The file of ``package`` that defines the utility: ``loss_utils.py``, else the module its
+    ``__init__`` imports ``compute_mtp_ce_loss`` from, else the ``__init__`` itself."""
+    if (package / "loss_utils.py").is_file():
+        return package / "loss_utils.py"
+    try:
+        tree = ast.parse((package / "__init__.py").read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return package / "__init__.py"
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and \
+                any(alias.name in UTILITY_NAMES for alias in node.names):
+            candidate = package.joinpath(*node.module.split(".")).with_suffix(".py")
+            if candidate.is_file():
+                return candidate
+    return package / "__init__.py"
 
 
 def _statement_key(statement: cst.CSTNode) -> str:
     return code(statement.with_changes(leading_lines=()) if hasattr(statement, "leading_lines") else statement)
+
+
+def _header_key(statement: cst.CSTNode) -> str:
+    """A compound statement by its header (``for batch in loader:``), a simple one whole: the blocks
+    around a site are matched by what encloses it, however much their bodies changed."""
+    if isinstance(statement, cst.BaseCompoundStatement):
+        return _statement_key(statement).lstrip().split("\n", 1)[0]
+    return _statement_key(statement)
 
 
 def _scope_path(module: cst.Module, scope) -> list[str]:
@@ -120,8 +154,8 @@ def _find_scope(module: cst.Module, names: list[str]):
 
 def _mapped(old_block, new_block, index: int) -> int | None:
     """The position in ``new_block`` of ``old_block[index]`` (same statement, or its edited version)."""
-    matcher = difflib.SequenceMatcher(None, [_statement_key(s) for s in old_block],
-                                      [_statement_key(s) for s in new_block], autojunk=False)
+    matcher = difflib.SequenceMatcher(None, [_header_key(s) for s in old_block],
+                                      [_header_key(s) for s in new_block], autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if i1 <= index < i2 and tag in ("equal", "replace") and j1 + index - i1 < j2:
             candidate = j1 + index - i1
@@ -150,7 +184,8 @@ def _region(old_block, new_block, start: int, stop: int) -> tuple[int, int, int,
     return old_start, old_stop, new_start, new_stop
 
 
-def verify_file(path: Path, root: Path, old_path: str, revision: str) -> list[dict]:
+def verify_file(path: Path, root: Path, old_path: str, revision: str,
+                utility_module: str = DEFAULT_UTILITY_MODULE) -> list[dict]:
     """One report per site of the old version that the current file changed."""
     from mtp_migrate.verify.worker import verify
 
@@ -166,7 +201,7 @@ def verify_file(path: Path, root: Path, old_path: str, revision: str) -> list[di
     if done.stdout == current:
         return []
     old_index, new_index = FlowIndex(), FlowIndex()
-    utility = _utility_files(root)
+    utility = utility_files(root, utility_module)
     reports = []
     for site in find_sites(old_module):
         try:

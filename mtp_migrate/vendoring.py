@@ -129,6 +129,8 @@ def _foreign_bindings(tree: cst.Module, module: str) -> str | None:
         if isinstance(node, cst.ImportFrom):
             source = "." * len(node.relative) + (code(node.module) if node.module else "")
             if isinstance(node.names, cst.ImportStar):
+                if source not in ours:  # `from .legacy import *` may rebind the utility's names after our export
+                    return f"* (from {source})"
                 continue
             for alias in node.names:
                 bound = alias.asname.name.value if alias.asname else alias.evaluated_name

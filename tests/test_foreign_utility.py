@@ -49,3 +49,20 @@ def test_a_new_utility_module_is_the_way_out(repo):
     assert (repo / "weighted_mtp/utils/mtp_loss.py").read_bytes() == SHIPPED
     assert all(s["action"] == "rewritten" and s["verified"] for s in files["run_loop.py"]["sites"])
     assert "from weighted_mtp.utils.mtp_loss import compute_mtp_ce_loss" in (repo / "pipelines/run_loop.py").read_text()
+
+
+def test_a_star_import_in_the_package_that_may_rebind_the_utility_is_refused(tmp_path):
+    """``from .legacy import *`` after our export line could rebind ``compute_mtp_ce_loss``: not ours to use."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "pipelines", repo / "pipelines")
+    (repo / ".git").mkdir()
+    (repo / "weighted_mtp" / "utils").mkdir(parents=True)
+    (repo / "weighted_mtp" / "__init__.py").write_text("")
+    init = repo / "weighted_mtp" / "utils" / "__init__.py"
+    init.write_text("from .legacy import *  # noqa: F403\n")
+    (repo / "weighted_mtp" / "utils" / "legacy.py").write_text("def compute_mtp_ce_loss(*args):\n    return 0\n")
+    files = apply(repo)
+    (site,) = files["run_loop.py"]["sites"]
+    assert site["code"] == "MTP301" and "from .legacy" in site["reason"], site
+    assert init.read_text() == "from .legacy import *  # noqa: F403\n"
+    assert not (repo / "weighted_mtp" / "utils" / "loss_utils.py").exists()

@@ -396,6 +396,8 @@ class _Side:
         self.wrappers.append(("with", statement))
 
     def _try(self, statement: cst.Try, at: Point) -> None:
+        if all(_reraises(handler) for handler in statement.handlers):
+            return  # nothing is caught for good: the site's errors go on as they did
         for handler in statement.handlers:
             if _reraises(handler):
                 continue
@@ -548,7 +550,7 @@ def _reraises(handler: cst.ExceptHandler) -> bool:
 
 
 def _recorder(handler: cst.ExceptHandler, position: int) -> cst.ExceptHandler:
-    record = cst.parse_statement(f"{CAUGHT} = ({position}, type(_mtp_error).__qualname__)\n")
+    record = cst.parse_statement(f"{CAUGHT} = 'except clause {position + 1}: ' + type(_mtp_error).__qualname__\n")
     return handler.with_changes(name=cst.AsName(name=cst.Name("_mtp_error")), body=cst.IndentedBlock(body=[record]),
                                 leading_lines=())
 

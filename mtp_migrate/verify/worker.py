@@ -20,7 +20,7 @@ import torch
 from mtp_migrate.refusals import Code
 from mtp_migrate.verify.domain import base_cases, candidates, variations
 from mtp_migrate.verify.harness import UNBOUND, Case, compare, is_trivial, make_inputs
-from mtp_migrate.verify.program import SiteProgram
+from mtp_migrate.verify.program import CAUGHT, SiteProgram
 from mtp_migrate.verify.sandbox import SANDBOX, UNBOUND_TAG, Raised, SandboxCrashed, SandboxTimeout
 
 MIN_CASES = 8
@@ -86,7 +86,7 @@ class _Judge:
         except _Failed as error:
             return "fail", f"{Code.VERIFIER_FAILED.code}: the rewrite: {error}"
         except Raised as error:
-            if error.argument_error and is_trivial(old):  # the loop computed nothing: argument checks it never needed
+            if error.argument_error and _computed_nothing(old):  # argument checks the loop never needed
                 return "skip", None
             if error.argument_error and any(slot.contract and case.lengths.get(slot.param) for slot in self.slots):
                 return "skip", None  # a tensor the utility documents as [B, S] given another length
@@ -95,7 +95,12 @@ class _Judge:
         problem = compare(new, old, lambda: self.run("original", case, truth=True), case, arguments, self.slots)
         if problem:
             return "fail", f"{Code.NOT_EQUIVALENT.code}: {problem} (on {case.describe(self.slots)})"
-        return ("trivial" if is_trivial(old) else "equal"), None
+        return ("trivial" if _computed_nothing(old) else "equal"), None
+
+
+def _computed_nothing(result) -> bool:
+    """No loss, no gradient, and no error caught by an `except` around the site."""
+    return is_trivial(result) and result[0].get(CAUGHT, None) in (None, UNBOUND)
 
 
 def verify(program: SiteProgram, seed: int = 0) -> Verdict:
