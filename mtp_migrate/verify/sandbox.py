@@ -14,6 +14,7 @@ cannot run code in the judge.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import pickle
@@ -141,6 +142,7 @@ class Sandbox:
 
 
 SANDBOX = Sandbox()  # this process's child: started on first use, restarted after a kill
+atexit.register(SANDBOX.close)  # at once, on any exit (a killed process takes it along: PR_SET_PDEATHSIG)
 
 
 # -- the child's side ---------------------------------------------------------------------
