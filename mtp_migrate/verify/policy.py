@@ -270,6 +270,8 @@ class Checker(cst.CSTVisitor):
         return False
 
     def visit_ImportFrom(self, node: cst.ImportFrom) -> bool:
+        if set(import_bindings(node).values()) <= self.trusted and not isinstance(node.names, cst.ImportStar):
+            return False  # the verified utility's own names, loaded from its file
         if node.relative or not importable(import_source(node)):
             return self._refuse(f"it imports from `{import_source(node)}`, which the verifier never imports")
         return False

@@ -68,7 +68,7 @@ _TRANSPARENT_DECORATORS = {"staticmethod", "classmethod", "property", "functools
 _NO_GRAD = {"torch.no_grad", "torch.inference_mode", "torch.set_grad_enabled"}
 # Frame introspection reads a function's locals from elsewhere.
 _FRAME_ATTRIBUTES = {"_getframe", "currentframe", "f_locals", "f_globals", "f_back", "getouterframes", "tb_frame"}
-_DYNAMIC_CALLS = {"globals", "exec", "eval", "__import__"}
+_DYNAMIC_CALLS = {"globals", "exec", "__import__"}
 
 
 @dataclass
@@ -104,31 +104,7 @@ class _Module:
         self.trusted = frozenset(f"{module}.{name}" for module, names in utility.items() for name in names)
         self.declared_global = {item.name.value for node in m.findall(module, m.Global()) for item in node.names}
         self._bindings: dict[str, tuple[str, cst.CSTNode | None]] = {}
-        self.dynamic = self._dynamic()
-
-    def _dynamic(self) -> str | None:
-        """Why names of this module may be rebound or read at run time beyond what its code says."""
-        for call in m.findall(self.module, m.Call(func=m.Name())):
-            name = call.func.value
-            if name in _DYNAMIC_CALLS or (name in ("setattr", "delattr") and call.args and isinstance(
-                    call.args[0].value, cst.Name) and call.args[0].value.value in self.names.imports):
-                return f"`{code(call).strip()[:60]}` ({_line(self.module, call)}) may rebind names the site reads"
-        for target in m.findall(self.module, m.AssignTarget(target=m.Attribute()) | m.AugAssign(target=m.Attribute())):
-            root = root_name(target.target)
-            if root in self.names.imports:  # `F.cross_entropy = smoothed_ce`: a monkeypatch
-                return f"`{code(target.target)}` is assigned ({_line(self.module, target)}): the module's " \
-                       f"`{root}` is changed at run time"
-        for node in m.findall(self.module, m.Attribute()):
-            if node.attr.value in _FRAME_ATTRIBUTES:
-                return f"`{code(node)}` ({_line(self.module, node)}) reads a function's locals from outside it"
-            if dotted(node) in ("sys.modules", "inspect.stack", "inspect.trace"):
-                return f"`{code(node)}` ({_line(self.module, node)}) may rebind or read any name"
-        for name in m.findall(self.module, m.Name()):
-            if name.value in ("__builtins__", "__dict__"):
-                return f"`{name.value}` ({_line(self.module, name)}) may rebind any name"
-        if self.names.imports.get("builtins") == "builtins":
-            return "the module imports `builtins`, whose names it may rebind"
-        return None
+        self.dynamic = _dynamic(module)
 
     def binding(self, name: str) -> tuple[str, cst.CSTNode | None]:
         """How the module binds ``name`` when a function runs, by its last top-level binding:
@@ -195,6 +171,35 @@ class _Module:
         if kind == "import":
             return import_bindings(where.body[0])[name]
         return f"builtins.{name}" if kind == "none" and hasattr(builtins, name) else None
+
+
+@lru_cache(maxsize=16)  # both sides of every site of a module ask; modules hash by identity
+def _dynamic(module: cst.Module) -> str | None:
+    """Why names of a module may be rebound or read at run time beyond what its code says."""
+    names = ModuleNames.of(module)
+    for call in m.findall(module, m.Call(func=m.Name())):
+        name, first = call.func.value, call.args[0].value if call.args else None
+        rebinds = name in _DYNAMIC_CALLS or (
+            name in ("setattr", "delattr", "vars") and isinstance(first, cst.Name) and first.value in names.imports
+        ) or (name == "eval" and not (isinstance(first, cst.SimpleString) and ":=" not in first.value))
+        if rebinds:
+            return f"`{code(call).strip()[:60]}` ({_line(module, call)}) may rebind names the site reads"
+    for target in m.findall(module, m.AssignTarget(target=m.Attribute()) | m.AugAssign(target=m.Attribute())):
+        root = root_name(target.target)
+        if root in names.imports:  # `F.cross_entropy = smoothed_ce`: a monkeypatch
+            return f"`{code(target.target)}` is assigned ({_line(module, target)}): the module's " \
+                   f"`{root}` is changed at run time"
+    for node in m.findall(module, m.Attribute()):
+        if node.attr.value in _FRAME_ATTRIBUTES:
+            return f"`{code(node)}` ({_line(module, node)}) reads a function's locals from outside it"
+        if dotted(node) in ("sys.modules", "inspect.stack", "inspect.trace"):
+            return f"`{code(node)}` ({_line(module, node)}) may rebind or read any name"
+    for name in m.findall(module, m.Name()):
+        if name.value in ("__builtins__", "__dict__"):
+            return f"`{name.value}` ({_line(module, name)}) may rebind any name"
+    if names.imports.get("builtins") == "builtins":
+        return "the module imports `builtins`, whose names it may rebind"
+    return None
 
 
 def _params(scope) -> dict[str, cst.Param]:
@@ -291,7 +296,8 @@ class _Side:
                                                                    cst.SimpleStatementLine) else None
                 if isinstance(small, cst.Import | cst.ImportFrom):
                     qualified = import_bindings(small).get(name, "")
-                    return qualified if importable(qualified) and not qualified.startswith(".") else None
+                    given = qualified in self.context.trusted or (importable(qualified) and not qualified.startswith("."))
+                    return qualified if given else None
                 return "local" if self.runs(definition.statement, definition.point) else None
             if definition.kind in ("opaque", "parameter"):
                 return None
