@@ -52,6 +52,16 @@ def test_imports_point_one_way():
             assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
+def test_the_verifiers_analysis_owes_nothing_to_the_recognizer():
+    """Only the verifier's interface with the plan (which sites were edited, the emitted tests) may read
+    ``mtp_loop``: the programs, the policy, the inputs and the judging are built on ``flow`` alone."""
+    for path in (PACKAGE / "verify").glob("*.py"):
+        if path.name in ("__init__.py", "emit.py"):
+            continue
+        bad = [name for name in _imports(path) if name.startswith("mtp_migrate.mtp_loop")]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
 def test_no_path_outside_the_repository_is_cited():
     for path in [*ROOT.glob("mtp_migrate/**/*.py"), *ROOT.glob("weighted_mtp/**/*.py"), ROOT / "README.md",
                  *ROOT.glob("docs/*.md")]:

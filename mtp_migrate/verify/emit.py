@@ -219,8 +219,8 @@ def _section(site: GuardedSite, pipeline: Path, suffix: str) -> str:
     def rename(text: str) -> str:
         return re.sub(rf"\b{SLOT_PREFIX}\d+\b", lambda found: names[found.group(0)], text)
 
-    original = _function(rename(program.original), "original", suffix, len(program.slots))
-    rewritten = _function(rename(program.rewritten), "rewritten", suffix, len(program.slots))
+    original = _function(rename(program.original), "original", suffix)
+    rewritten = _function(rename(program.rewritten), "rewritten", suffix)
     inputs = "\n".join(f"    Input({names[s.param]!r}, {s.path!r}, {s.kind!r}, {s.rank!r})," for s in program.slots)
     cases = "\n".join(f"    {rename(case)}," for case in dict.fromkeys(site.cases))
     upper = suffix.upper()
@@ -250,23 +250,40 @@ def {test}(case):
 '''
 
 
-def _function(source: str, name: str, suffix: str, inputs: int) -> str:
+def _function(source: str, name: str, suffix: str) -> str:
     """The program as a module-level function ``<name>_<suffix>``, without the verifier's site markers;
-    a prologue line that binds an input to itself (``weights = weights``, once the parameter is
-    named after it) is dropped."""
+    a line that binds an input to itself (``weights = weights``, once the parameter is named after
+    it) is dropped."""
     lines = source.rstrip("\n").splitlines()
     lines[0] = lines[0].replace(f"def {name}(", f"def {name}_{suffix}(", 1)
-    head = [line for line in lines[1:1 + inputs] if not re.fullmatch(r"    (\w+) = \1", line)]
-    body = [line for line in lines[1 + inputs:] if not line.strip().startswith(MARKER)]
-    return "\n".join([lines[0], *head, *body])
+    body = [line for line in lines[1:] if not line.strip().startswith(MARKER) and
+            not re.fullmatch(r"\s*(\w+) = \1", line)]
+    return "\n".join([lines[0], *body])
+
+
+def _assigned(program: SiteProgram) -> set[str]:
+    """Names the programs bind other than to an input (``x = mtp_slot_3``)."""
+    names = set()
+    for source in (program.original, program.rewritten):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and \
+                    node.value.id.startswith(SLOT_PREFIX):
+                continue
+            for target in ast.walk(node) if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.For |
+                                                         ast.With | ast.NamedExpr | ast.comprehension) else ():
+                if isinstance(target, ast.Name) and isinstance(target.ctx, ast.Store):
+                    names.add(target.id)
+    return names
 
 
 def _readable(program: SiteProgram) -> dict[str, str]:
-    """Parameter names a reader recognises: ``pos_out["logits"]`` -> ``pos_out_logits``."""
+    """Parameter names a reader recognises: ``pos_out["logits"]`` -> ``pos_out_logits``; the variable's
+    own name unless the program also computes that variable (then its input is ``<name>_input``)."""
     taken = set(re.findall(r"[A-Za-z_]\w*", program.original + program.rewritten))
+    computed = _assigned(program)
     names: dict[str, str] = {}
     for slot in program.slots:
-        if slot.path.isidentifier():
+        if slot.path.isidentifier() and slot.path not in computed:
             name = slot.path  # the variable itself
         else:
             name = _identifier(slot.path)

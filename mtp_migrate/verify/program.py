@@ -519,7 +519,15 @@ class _Side:
             source = self.context.source(name)
             if source is not None:
                 wanted.setdefault(id(source), set()).add(name)
-        return [_narrowed(statement, wanted[id(statement)]) for statement in self.module.body if id(statement) in wanted]
+        # The module's own grouping (a blank line between its sections), so that the emitted tests sort as it does.
+        chosen, separated = [], False
+        for statement in self.module.body:
+            separated |= _after_blank(statement)
+            if id(statement) in wanted:
+                lines = [cst.EmptyLine()] if chosen and separated else []
+                chosen.append(_narrowed(statement, wanted[id(statement)]).with_changes(leading_lines=lines))
+                separated = False
+        return chosen
 
     def body(self) -> list[cst.BaseStatement]:
         items = list(self.statements.values())
@@ -547,6 +555,10 @@ class _Side:
     @property
     def models_handlers(self) -> bool:
         return any(kind == "try" for kind, _ in self.wrappers)
+
+
+def _after_blank(statement: cst.SimpleStatementLine) -> bool:
+    return any(line.comment is None for line in statement.leading_lines)
 
 
 def _reraises(handler: cst.ExceptHandler) -> bool:
@@ -579,7 +591,7 @@ def _narrowed(statement: cst.SimpleStatementLine, names: set[str]) -> cst.Simple
     read are not its business (the utility module stands in for the target's, and has only the utility)."""
     small = statement.body[0]
     if not isinstance(small, cst.ImportFrom) or isinstance(small.names, cst.ImportStar):
-        return statement
+        return statement.with_changes(leading_lines=())
     kept = [alias.with_changes(comma=cst.MaybeSentinel.DEFAULT) for alias in small.names
             if (alias.evaluated_alias or alias.evaluated_name) in names]
     return statement.with_changes(body=[small.with_changes(names=kept, lpar=None, rpar=None)], leading_lines=())

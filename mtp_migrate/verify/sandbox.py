@@ -55,7 +55,14 @@ class Raised(Exception):
 
 # The child dies with the thread that started it (PR_SET_PDEATHSIG), so children are started
 # from one thread that lives as long as the process, not from the short-lived analysis threads.
-_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-migrate sandbox")
+_SPAWNER: dict[int, ThreadPoolExecutor] = {}  # by process id: a forked worker needs a thread of its own
+
+
+def _spawner() -> ThreadPoolExecutor:
+    if os.getpid() not in _SPAWNER:
+        _SPAWNER.clear()
+        _SPAWNER[os.getpid()] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtp-migrate sandbox")
+    return _SPAWNER[os.getpid()]
 
 
 def _child_setup() -> None:
@@ -85,7 +92,7 @@ class Sandbox:
 
     def _start(self) -> None:
         command = [sys.executable, "-I", "-B", str(Path(__file__).resolve())]
-        self.process = _SPAWNER.submit(subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.process = _spawner().submit(subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=subprocess.DEVNULL, preexec_fn=_child_setup, cwd="/").result()
         self.loaded = None
 
@@ -143,6 +150,15 @@ class Sandbox:
 
 SANDBOX = Sandbox()  # this process's child: started on first use, restarted after a kill
 atexit.register(SANDBOX.close)  # at once, on any exit (a killed process takes it along: PR_SET_PDEATHSIG)
+
+
+def _forget_the_parents_child() -> None:
+    """A forked worker starts a child of its own: the one it inherited belongs to its parent."""
+    SANDBOX.process = None
+    SANDBOX.loaded = None
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_child)
 
 
 # -- the child's side ---------------------------------------------------------------------
