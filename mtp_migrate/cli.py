@@ -28,6 +28,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mtp_migrate.cache import Cache
 from mtp_migrate.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from mtp_migrate.discovery import discover, shown
 from mtp_migrate.emit_tests import test_modules
@@ -215,6 +216,8 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
                 _write(report)
     changed = [r for r in reports if r.status == "changed"]
     notes = _clean_up(stale, remove=verb == "apply")
+    if not no_cache:
+        notes += sorted({problem for c in candidates if not c.problem and (problem := Cache.of(c.path).problem)})
     if not candidates and not stale and any(path.is_dir() for path in paths):
         notes.append(f"no file matches --include {' '.join(include)} under {' '.join(map(str, paths))}")
     summary = summary_of(reports)
