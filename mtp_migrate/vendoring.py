@@ -17,6 +17,7 @@ new module is the way out.
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -83,6 +84,18 @@ def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> Uti
     return UtilityTarget(module, problem=Refusal(
         Code.UTILITY_UNAVAILABLE, f"--utility-module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
                                   f"above {directory} to write it into"))
+
+
+def imports_utility(source: bytes, module: str) -> bool:
+    """``source`` imports the utility's functions from ``module``: a file migrated before, which needs it too."""
+    if module.encode() not in source:
+        return False
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return any(isinstance(node, ast.ImportFrom) and not node.level and node.module in (module, f"{module}.loss_utils")
+               and any(alias.name in UTILITY_NAMES for alias in node.names) for node in ast.walk(tree))
 
 
 def _module_file(module: str, path: Path) -> UtilityTarget:

@@ -1,9 +1,14 @@
 """Nothing the tool writes or runs can leave the repository broken: write order, symlinks, signals,
 renames, odd file names and syntax the analysis must walk (issue 20)."""
 
+import resource
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from mtp_migrate.runner import default_verifier, migrate_source
+from mtp_migrate.vendoring import SHIPPED_UTILITY
 
 ROOT = Path(__file__).parents[1]
 BEFORE = ROOT / "fixtures" / "pipelines" / "before"
@@ -18,3 +23,62 @@ def test_a_match_statement_around_or_beside_a_site_is_walked():
     result = migrate_source(text.encode(), "run_match.py", verifier=default_verifier())
     assert [(site.action.value, site.verified) for site in result.sites] == [("rewritten", True)] * 2
     assert "        case _:\n            ce_loss = compute_mtp_ce_loss_unweighted(" in result.output.decode()
+
+
+def _git_project(tmp_path: Path) -> Path:
+    """A repository with its own ``weighted_mtp/utils`` package and one pipeline to migrate."""
+    (tmp_path / ".git").mkdir(parents=True)
+    (tmp_path / "weighted_mtp" / "utils").mkdir(parents=True)
+    (tmp_path / "weighted_mtp" / "__init__.py").write_text("")
+    (tmp_path / "weighted_mtp" / "utils" / "__init__.py").write_text('"""Utilities."""\n')
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    return tmp_path
+
+
+def _tool(*args: str, cwd: Path, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run([sys.executable, "-m", "mtp_migrate", *args, "--color", "never", "--jobs", "1"], cwd=cwd,
+                          capture_output=True, text=True, preexec_fn=limit if file_size_limit else None, timeout=600)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not {".git", ".mtp_migrate_cache"} & set(p.relative_to(root).parts)}
+
+
+def test_a_utility_that_cannot_be_written_leaves_every_pipeline_as_it_was(tmp_path):
+    root = _git_project(tmp_path)
+    before = _tree(root)
+    assert SHIPPED_UTILITY.stat().st_size > 16 << 10 > len(before["run_baseline.py"])
+    failed = _tool("apply", ".", cwd=root, file_size_limit=16 << 10)  # as `ulimit -f 16` or a full disk
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert _tree(root) == before  # neither the pipeline nor the __init__.py exporting the missing module
+    assert "error: weighted_mtp/utils/loss_utils.py: cannot write: File too large" in failed.stdout
+    assert "error: run_baseline.py: not migrated: weighted_mtp/utils/loss_utils.py could not be written" \
+           in failed.stdout
+    assert "error: weighted_mtp/utils/__init__.py: not written: weighted_mtp/utils/loss_utils.py" in failed.stdout
+    assert _tool("check", ".", cwd=root).returncode == 1
+    again = _tool("apply", ".", cwd=root)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (root / "weighted_mtp/utils/loss_utils.py").read_bytes() == SHIPPED_UTILITY.read_bytes()
+    assert "compute_mtp_ce_loss" in (root / "weighted_mtp/utils/__init__.py").read_text()
+    assert _tool("check", ".", cwd=root).returncode == 0
+
+
+def test_check_reports_a_migrated_pipeline_whose_utility_the_repository_lacks(tmp_path):
+    root = _git_project(tmp_path)
+    init = (root / "weighted_mtp/utils/__init__.py").read_bytes()
+    assert _tool("apply", ".", cwd=root).returncode == 0
+    migrated = (root / "run_baseline.py").read_bytes()
+    (root / "weighted_mtp/utils/loss_utils.py").unlink()  # as a run that wrote the pipelines first left it
+    (root / "weighted_mtp/utils/__init__.py").write_bytes(init)
+    check = _tool("check", ".", cwd=root)
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "note: run_baseline.py imports the loss utility from weighted_mtp.utils, which the repository lacks " \
+           "(weighted_mtp/utils/loss_utils.py, weighted_mtp/utils/__init__.py)" in check.stderr
+    assert _tool("apply", ".", cwd=root).returncode == 0
+    assert (root / "weighted_mtp/utils/loss_utils.py").read_bytes() == SHIPPED_UTILITY.read_bytes()
+    assert (root / "run_baseline.py").read_bytes() == migrated
+    assert _tool("check", ".", cwd=root).returncode == 0
