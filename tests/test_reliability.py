@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mtp_migrate.runner import default_verifier, migrate_source
+from mtp_migrate.source import MigrationError, write_atomic
 from mtp_migrate.vendoring import SHIPPED_UTILITY
 
 ROOT = Path(__file__).parents[1]
@@ -82,3 +85,29 @@ def test_check_reports_a_migrated_pipeline_whose_utility_the_repository_lacks(tm
     assert (root / "weighted_mtp/utils/loss_utils.py").read_bytes() == SHIPPED_UTILITY.read_bytes()
     assert (root / "run_baseline.py").read_bytes() == migrated
     assert _tool("check", ".", cwd=root).returncode == 0
+
+
+@pytest.mark.parametrize("linked", ["weighted_mtp", "weighted_mtp/utils", "weighted_mtp/utils/__init__.py",
+                                    "weighted_mtp/utils/loss_utils.py"])
+def test_the_utility_is_never_written_through_a_symlink(tmp_path, linked):
+    root = _git_project(tmp_path / "repo")
+    shutil.copy(SHIPPED_UTILITY, root / "weighted_mtp/utils/loss_utils.py")
+    outside = tmp_path / "outside"
+    shutil.move(root / linked, outside)
+    (root / linked).symlink_to(outside)
+    before_outside = {p: p.read_bytes() for p in [outside, *outside.rglob("*")] if p.is_file()}
+    before = _tree(root)
+    done = _tool("apply", ".", cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _tree(root) == before
+    assert {p: p.read_bytes() for p in [outside, *outside.rglob("*")] if p.is_file()} == before_outside
+    assert f"MTP302: {root.resolve() / linked} is a symlink (not followed): mtp-migrate writes no file through one" \
+           in done.stdout.replace("\n", " ")
+
+
+def test_a_write_never_replaces_a_symlink(tmp_path):
+    (tmp_path / "target.py").write_text("kept\n")
+    (tmp_path / "link.py").symlink_to(tmp_path / "target.py")
+    with pytest.raises(MigrationError, match="symlink"):
+        write_atomic(tmp_path / "link.py", b"new\n", expected=b"kept\n")
+    assert (tmp_path / "link.py").is_symlink() and (tmp_path / "target.py").read_text() == "kept\n"
