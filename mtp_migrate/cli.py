@@ -32,6 +32,7 @@ from mtp_migrate.cache import Cache
 from mtp_migrate.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from mtp_migrate.discovery import discover, shown
 from mtp_migrate.emit_tests import test_modules
+from mtp_migrate.entry import interrupt
 from mtp_migrate.refusals import Code
 from mtp_migrate.report import (
     FileReport,
@@ -313,7 +314,7 @@ class _Interruptible(click.Group):
     """Ctrl-C or SIGTERM: stop within a moment, say so, exit 130 (finished writes stay, none is half-done)."""
 
     def invoke(self, ctx):
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = signal.signal(signal.SIGTERM, interrupt)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
@@ -321,10 +322,6 @@ class _Interruptible(click.Group):
             sys.exit(130)
         finally:  # run in-process (a test, an embedding), the caller's handler comes back
             signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 @click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,8 +3,10 @@ renames, odd file names and syntax the analysis must walk (issue 20)."""
 
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,16 @@ def test_a_write_never_replaces_a_symlink(tmp_path):
     with pytest.raises(MigrationError, match="symlink"):
         write_atomic(tmp_path / "link.py", b"new\n", expected=b"kept\n")
     assert (tmp_path / "link.py").is_symlink() and (tmp_path / "target.py").read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("delay", [0.25, 0.5, 1.0])  # while the command line loads (a second or more), or just after
+@pytest.mark.parametrize("which", [signal.SIGINT, signal.SIGTERM])
+def test_an_early_signal_exits_130_without_a_traceback(tmp_path, which, delay):
+    shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
+    run = subprocess.Popen([sys.executable, "-m", "mtp_migrate", "check", "--no-cache", "."], cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    run.send_signal(which)
+    out, err = run.communicate(timeout=60)
+    assert (run.returncode, err.splitlines()[-1:]) == (130, ["error: interrupted"]), out + err
+    assert "Traceback" not in err
