@@ -1,6 +1,7 @@
 """Nothing the tool writes or runs can leave the repository broken: write order, symlinks, signals,
 renames, odd file names and syntax the analysis must walk (issue 20)."""
 
+import os
 import resource
 import shutil
 import signal
@@ -126,3 +127,41 @@ def test_an_early_signal_exits_130_without_a_traceback(tmp_path, which, delay):
     out, err = run.communicate(timeout=60)
     assert (run.returncode, err.splitlines()[-1:]) == (130, ["error: interrupted"]), out + err
     assert "Traceback" not in err
+
+
+GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+       "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+def _git(*args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, env={**os.environ, **GIT})
+    assert done.returncode == 0, done.stderr.decode()
+    return done
+
+
+def _committed(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    tmp_path.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    _git("init", "-q", cwd=tmp_path)
+    _git("add", "-A", cwd=tmp_path)
+    _git("commit", "-qm", "before", cwd=tmp_path)
+    return tmp_path
+
+
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+@needs_git
+def test_odd_file_names_are_quoted_as_git_quotes_them_and_the_patch_applies(tmp_path):
+    names = ["run_a\nb.py", "run_c d.py", "run_é.py", 'run_"q\\.py', "run_\t.py"]
+    root = _committed(tmp_path / "applied", {name: (BEFORE / "run_baseline.py").read_bytes() for name in names})
+    patched = tmp_path / "patched"
+    shutil.copytree(root, patched)
+    diff = _tool("diff", "--no-verify", ".", cwd=root)
+    assert diff.returncode == 1, diff.stderr
+    assert '--- "a/run_a\\nb.py"\n+++ "b/run_a\\nb.py"\n' in diff.stdout
+    assert "--- a/run_c d.py\t\n" in diff.stdout and '+++ "b/run_\\303\\251.py"\n' in diff.stdout
+    assert _tool("apply", "--no-verify", ".", cwd=root).returncode == 0
+    _git("apply", "-", cwd=patched, stdin=diff.stdout.encode())
+    assert _tree(patched) == _tree(root) != {name: (BEFORE / "run_baseline.py").read_bytes() for name in names}
