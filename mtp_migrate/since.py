@@ -21,7 +21,7 @@ from mtp_migrate.cst_utils import code
 from mtp_migrate.mtp_loop.dataflow import FlowIndex, Level, Point, blocks_of, locate
 from mtp_migrate.mtp_loop.find import find_sites
 from mtp_migrate.refusals import Code, Refusal
-from mtp_migrate.source import MigrationError, parse_source
+from mtp_migrate.source import MigrationError, check_bytes, parse_source
 from mtp_migrate.vendoring import SHIPPED_UTILITY
 from mtp_migrate.verify.program import build
 
@@ -155,10 +155,12 @@ def verify_file(path: Path, root: Path, old_path: str, revision: str) -> list[di
     from mtp_migrate.verify.worker import verify
 
     current = path.read_bytes()
+    check_bytes(current)
     done = _git(["show", f"{revision}:{old_path}"], root)
     if done.returncode != 0:  # the file is new since the revision: nothing to compare with
         return []
     try:
+        check_bytes(done.stdout)
         _, old_module = parse_source(done.stdout)
     except MigrationError as error:
         raise MigrationError(f"at {revision}: {error}") from None

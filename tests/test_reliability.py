@@ -153,6 +153,16 @@ needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
 @needs_git
+def test_verify_says_binary_file_as_check_does(tmp_path):
+    root = _committed(tmp_path, {"run_a.py": (BEFORE / "run_baseline.py").read_bytes()})
+    (root / "run_a.py").write_bytes(b"\0\1binary")
+    for verb in (("check",), ("verify", "--base", "HEAD")):
+        done = _tool(*verb, ".", cwd=root)
+        assert done.returncode == 2
+        assert "error: run_a.py: binary file (contains NUL bytes)" in done.stdout + done.stderr
+
+
+@needs_git
 def test_odd_file_names_are_quoted_as_git_quotes_them_and_the_patch_applies(tmp_path):
     names = ["run_a\nb.py", "run_c d.py", "run_é.py", 'run_"q\\.py', "run_\t.py"]
     root = _committed(tmp_path / "applied", {name: (BEFORE / "run_baseline.py").read_bytes() for name in names})
