@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mtp_migrate.cache import Cache
 from mtp_migrate.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
-from mtp_migrate.discovery import discover, shown
+from mtp_migrate.discovery import discover, shown, wanted
 from mtp_migrate.emit_tests import test_modules
 from mtp_migrate.entry import interrupt
 from mtp_migrate.refusals import Code
@@ -368,7 +368,7 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
     output_format = "json" if as_json else output_format
     paths = tuple(paths) or (Path("."),)
     try:
-        changed = changed_files(paths, base)
+        changed = changed_files(paths, base, partial(wanted, paths=paths, include=tuple(include), exclude=tuple(exclude)))
     except MigrationError as error:
         if output_format == "json":
             click.echo(json.dumps({"files": [], "summary": {}, "error": str(error)}, indent=2))
@@ -378,6 +378,7 @@ def verify(paths, base, include, exclude, jobs, output_format, as_json, color, q
     reports = {c.path.as_posix(): _problem_report(c) for c in candidates if c.problem and not c.stale}
     todo = [(c.path, *changed[c.path.resolve()]) for c in candidates
             if not c.problem and c.path.resolve() in changed]
+    todo += [(Path(_relative(path)), *where) for path, where in changed.items() if not path.exists()]  # gone
     reports.update({c.path.as_posix(): FileReport(c.path.as_posix(), "unchanged") for c in candidates
                     if not c.problem and c.path.resolve() not in changed})
     reports.update((report.path, report) for report in _in_workers(partial(_verify_one, revision=base), todo, jobs))

@@ -10,6 +10,7 @@ one, so a drifted copy of ``loss_utils.py`` is caught too.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import subprocess
 from pathlib import Path
@@ -21,6 +22,7 @@ from mtp_migrate.cst_utils import code
 from mtp_migrate.mtp_loop.dataflow import FlowIndex, Level, Point, blocks_of, locate
 from mtp_migrate.mtp_loop.find import find_sites
 from mtp_migrate.refusals import Code, Refusal
+from mtp_migrate.runner import PREFILTER
 from mtp_migrate.source import MigrationError, check_bytes, parse_source
 from mtp_migrate.vendoring import SHIPPED_UTILITY
 from mtp_migrate.verify.program import build
@@ -49,8 +51,13 @@ def revision_of(path: Path) -> str:
     return revision
 
 
-def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
-    """``{working file: (repository root, its path at revision)}`` for files that differ from ``revision``."""
+def changed_files(paths, revision: str, wanted=lambda path: True) -> dict[Path, tuple[Path, str]]:
+    """``{working file: (repository root, its path at revision)}`` for files that differ from ``revision``.
+
+    A ``wanted`` file deleted since then that may hold a loop was renamed past git's similarity
+    threshold, or deleted: it is paired with the most similar ``wanted`` added file, and one left
+    unpaired stays under its old path (which no longer exists), for ``verify_file`` to report.
+    """
     changed = {}
     for path in paths:
         root = git_root(path if path.exists() else Path("."))
@@ -61,6 +68,7 @@ def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
             raise MigrationError(f"git diff failed: {done.stderr.decode(errors='replace').strip()}")
         fields = done.stdout.decode("utf-8", "surrogateescape").split("\0")
         position = 0
+        deleted, added = {}, []
         while position < len(fields) and fields[position]:
             status = fields[position]
             if status.startswith(("R", "C")):
@@ -69,8 +77,50 @@ def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
             else:
                 old = new = fields[position + 1]
                 position += 2
+            if status == "D":
+                if wanted(root / old):
+                    deleted[(root / old).resolve()] = old
+                continue
+            if status == "A" and wanted(root / new):
+                added.append((root / new).resolve())
             changed[(root / new).resolve()] = (root, old)
+        changed.update(_paired(root, revision, deleted, added))
     return changed
+
+
+def _paired(root: Path, revision: str, deleted: dict[Path, str], added: list[Path]) -> dict[Path, tuple[Path, str]]:
+    """Each deleted file that may hold a loop, by the added file most like it (greedily, most alike
+    first), or by itself if none is left."""
+    olds = {}
+    for path, old in deleted.items():
+        text = _git(["show", f"{revision}:{old}"], root).stdout
+        if any(marker in text for marker in PREFILTER):
+            olds[path] = (old, text)
+    news = {path: path.read_bytes() for path in added}
+    likeness = sorted(((_likeness(text, news[new]), str(path), str(new)) for path, (_, text) in olds.items()
+                       for new in news), reverse=True)
+    pairs = {}
+    for _, path, new in likeness:
+        if Path(path) in olds and Path(new) not in pairs:
+            pairs[Path(new)] = (root, olds.pop(Path(path))[0])
+    return {**pairs, **{path: (root, old) for path, (old, _) in olds.items()}}
+
+
+def _likeness(old: bytes, new: bytes) -> tuple[float, float]:
+    """How much of ``old`` ``new`` keeps: its function names first (loops are matched by them), then its lines."""
+    names = [_function_names(text) for text in (old, new)]
+    lines = old.splitlines()
+    matcher = difflib.SequenceMatcher(None, lines, new.splitlines(), autojunk=False)
+    kept = sum(block.size for block in matcher.get_matching_blocks())
+    return len(names[0] & names[1]) / max(1, len(names[0])), kept / max(1, len(lines))
+
+
+def _function_names(source: bytes) -> set[str]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return set()
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
 
 
 def _utility_files(root: Path) -> dict[str, str]:
@@ -151,11 +201,10 @@ def _region(old_block, new_block, start: int, stop: int) -> tuple[int, int, int,
 
 
 def verify_file(path: Path, root: Path, old_path: str, revision: str) -> list[dict]:
-    """One report per site of the old version that the current file changed."""
+    """One report per site of the old version that the current file changed (all of them, unjudged,
+    if the file is gone)."""
     from mtp_migrate.verify.worker import verify
 
-    current = path.read_bytes()
-    check_bytes(current)
     done = _git(["show", f"{revision}:{old_path}"], root)
     if done.returncode != 0:  # the file is new since the revision: nothing to compare with
         return []
@@ -164,6 +213,14 @@ def verify_file(path: Path, root: Path, old_path: str, revision: str) -> list[di
         _, old_module = parse_source(done.stdout)
     except MigrationError as error:
         raise MigrationError(f"at {revision}: {error}") from None
+    if not path.exists():
+        gone = Refusal(Code.NOT_RUNNABLE, f"{old_path} is gone since {revision} (deleted, or renamed and edited past "
+                                          "git's rename detection with no new file to pair it with): its loop "
+                                          "cannot be judged")
+        return [{"line": site.line, "action": "rewritten", "code": gone.code.code, "reason": str(gone),
+                 "verified": False} for site in find_sites(old_module)]
+    current = path.read_bytes()
+    check_bytes(current)
     _, new_module = parse_source(current)
     if done.stdout == current:
         return []

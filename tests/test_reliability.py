@@ -1,6 +1,7 @@
 """Nothing the tool writes or runs can leave the repository broken: write order, symlinks, signals,
 renames, odd file names and syntax the analysis must walk (issue 20)."""
 
+import json
 import os
 import resource
 import shutil
@@ -150,6 +151,37 @@ def _committed(tmp_path: Path, files: dict[str, bytes]) -> Path:
 
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+@needs_git
+def test_a_file_renamed_and_edited_past_gits_threshold_is_still_verified(tmp_path):
+    root = _committed(tmp_path, {"run_a.py": (BEFORE / "run_baseline.py").read_bytes()})
+    assert _tool("apply", "--no-cache", ".", cwd=root).returncode == 0
+    _git("mv", "run_a.py", "run_b.py", cwd=root)
+    with (root / "run_b.py").open("a") as stream:  # now less than half of it is the old file
+        stream.write("".join(f"\n\ndef helper_{i}(x):\n    return x + {i}\n" for i in range(60)))
+    shutil.copy(BEFORE / "run_rho1.py", root / "run_c.py")  # new, and less like the old file than run_b.py
+    _git("add", "run_c.py", cwd=root)
+    assert _git("diff", "-M", "--name-status", "HEAD", cwd=root).stdout.split() == [
+        b"D", b"run_a.py", b"A", b"run_b.py", b"A", b"run_c.py"]
+    done = _tool("verify", "--base", "HEAD", "--json", ".", cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [report] = [f for f in json.loads(done.stdout)["files"] if f["sites"]]
+    assert report["path"] == "run_b.py" and [s["verified"] for s in report["sites"]] == [True, True]
+
+
+@needs_git
+def test_a_deleted_file_whose_loops_cannot_be_paired_is_not_judged(tmp_path):
+    root = _committed(tmp_path, {"run_a.py": (BEFORE / "run_baseline.py").read_bytes(),
+                                 "run_notes.py": b"x = 1  # no loop: its deletion is nothing to judge\n",
+                                 "train.py": (BEFORE / "run_baseline.py").read_bytes()})  # not --include'd
+    for name in ("run_a.py", "run_notes.py", "train.py"):
+        (root / name).unlink()
+    done = _tool("verify", "--base", "HEAD", ".", cwd=root)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.count("run_a.py is gone since HEAD") == 2
+    assert "run_notes.py" not in done.stdout and "train.py" not in done.stdout
+    assert _tool("verify", "--base", "HEAD", "--exclude", "run_a.py", ".", cwd=root).returncode == 0
 
 
 @needs_git
