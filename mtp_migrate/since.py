@@ -51,7 +51,7 @@ def revision_of(path: Path) -> str:
     return revision
 
 
-def changed_files(paths, revision: str, wanted=lambda path: True) -> dict[Path, tuple[Path, str]]:
+def changed_files(paths, revision: str, wanted) -> dict[Path, tuple[Path, str]]:
     """``{working file: (repository root, its path at revision)}`` for files that differ from ``revision``.
 
     A ``wanted`` file deleted since then that may hold a loop was renamed past git's similarity
@@ -107,7 +107,8 @@ def _paired(root: Path, revision: str, deleted: dict[Path, str], added: list[Pat
 
 
 def _likeness(old: bytes, new: bytes) -> tuple[float, float]:
-    """How much of ``old`` ``new`` keeps: its function names first (loops are matched by them), then its lines."""
+    """How much of the old file the new one keeps: its function names first (loops are matched by them),
+    then its lines."""
     names = [_function_names(text) for text in (old, new)]
     lines = old.splitlines()
     matcher = difflib.SequenceMatcher(None, lines, new.splitlines(), autojunk=False)
