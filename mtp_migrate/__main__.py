@@ -7,6 +7,6 @@ import sys
 # its own `weighted_mtp` (or any module) would shadow ours. The console script has no such entry.
 sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
 
-from mtp_migrate.cli import main  # noqa: E402
+from mtp_migrate.entry import main  # noqa: E402
 
 main()

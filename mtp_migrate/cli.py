@@ -28,9 +28,11 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mtp_migrate.cache import Cache
 from mtp_migrate.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
-from mtp_migrate.discovery import discover, shown
+from mtp_migrate.discovery import discover, shown, wanted
 from mtp_migrate.emit_tests import test_modules
+from mtp_migrate.entry import interrupt
 from mtp_migrate.refusals import Code
 from mtp_migrate.report import (
     FileReport,
@@ -43,7 +45,7 @@ from mtp_migrate.report import (
 )
 from mtp_migrate.runner import migrate_file, rewrote
 from mtp_migrate.source import MigrationError, write_atomic
-from mtp_migrate.vendoring import utility_target
+from mtp_migrate.vendoring import imports_utility, utility_target
 
 DOCS = Path(__file__).parents[1] / "docs"
 OUTPUT_FORMATS = ("text", "json", "github")
@@ -65,7 +67,8 @@ def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool
         status = "skipped"
     else:
         status = "unchanged"
-    return FileReport(path, status, None, sites, result.source, result.output, rewrote(result), guards=result.guards,
+    needs_utility = rewrote(result) or imports_utility(result.output, utility_module)
+    return FileReport(path, status, None, sites, result.source, result.output, needs_utility, guards=result.guards,
                       import_root=result.import_root)
 
 
@@ -118,10 +121,10 @@ def _problem_report(candidate) -> FileReport:
 
 
 def _vendoring_reports(reports: list[FileReport], utility_module: str) -> list[FileReport]:
-    """The utility module written into each target whose files got a rewrite (never over code we do not own)."""
+    """The utility module written into each target whose files import it (never over code we do not own)."""
     writes: dict[Path, tuple[bytes, bytes]] = {}
     for report in reports:
-        if report.rewrote and report.status == "changed":
+        if report.rewrote and report.status != "error":
             writes.update(utility_target(Path(report.path).resolve().parent, utility_module).writes)
     return [FileReport(_relative(path), "changed", None, [], old, new, False) for path, (old, new) in sorted(writes.items())]
 
@@ -205,16 +208,12 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
             if report.status == "changed":
                 write_diff(unified_diff(report), out.is_terminal if color == "auto" else color == "always")
     if verb == "apply":
-        for module, pipeline in tests:  # the evidence first: a file is migrated only with its tests written
-            if module.status == "changed" and not _write(module, make_folder=True):
-                pipeline.status = "error"
-                pipeline.error = f"not migrated: its equivalence tests could not be written ({module.error})"
-        written = {id(module) for module, _ in tests}
-        for report in reports:
-            if report.status == "changed" and id(report) not in written:
-                _write(report)
+        _write_in_order(reports, tests, utility_module)
     changed = [r for r in reports if r.status == "changed"]
     notes = _clean_up(stale, remove=verb == "apply")
+    notes += _missing_utility(reports, utility_module)
+    if not no_cache:
+        notes += sorted({problem for c in candidates if not c.problem and (problem := Cache.of(c.path).problem)})
     if not candidates and not stale and any(path.is_dir() for path in paths):
         notes.append(f"no file matches --include {' '.join(include)} under {' '.join(map(str, paths))}")
     summary = summary_of(reports)
@@ -231,6 +230,56 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
     if summary["errors"]:
         return 2
     return 1 if changed and verb in ("diff", "check") else 0
+
+
+def _write_in_order(reports: list[FileReport], tests: list[tuple[FileReport, FileReport]], utility_module: str) -> None:
+    """Everything a pipeline will import is written before it: the utility (its module before the
+    ``__init__.py`` that exports it), then its equivalence tests. A pipeline is written only if they all
+    were, so a failed write leaves it as it was, for the next ``apply`` to do again."""
+    by_path = {Path(report.path).resolve(): report for report in reports}
+    attempted: set[int] = set()
+    blocked: dict[int, str] = {}  # id(report): why it is not written
+
+    def write(report: FileReport, make_folder: bool = False) -> None:
+        attempted.add(id(report))
+        if report.status == "changed" and id(report) in blocked:
+            report.status = "error"
+            report.error = f"{'not migrated' if report.rewrote else 'not written'}: {blocked[id(report)]}"
+        elif report.status == "changed":
+            _write(report, make_folder)
+
+    for report in reports:
+        if not report.rewrote or report.status == "error":
+            continue
+        for path in utility_target(Path(report.path).resolve().parent, utility_module).writes:
+            need = by_path[path]
+            if id(report) in blocked:  # the module failed: its __init__.py must not export it
+                blocked.setdefault(id(need), blocked[id(report)])
+            if id(need) not in attempted:
+                write(need)
+            if need.status == "error":
+                blocked.setdefault(id(report), f"{need.path} could not be written ({need.error})")
+    for module, pipeline in tests:
+        if id(pipeline) in blocked:
+            blocked[id(module)] = blocked[id(pipeline)]
+        write(module, make_folder=True)
+        if module.status == "error":
+            blocked.setdefault(id(pipeline), f"its equivalence tests could not be written ({module.error})")
+    for report in reports:
+        if id(report) not in attempted:
+            write(report)
+
+
+def _missing_utility(reports: list[FileReport], utility_module: str) -> list[str]:
+    """A file migrated before whose utility the repository lacks (a run that could not write it, a deletion)."""
+    notes = []
+    for report in reports:
+        if report.rewrote and report.status in ("unchanged", "skipped"):
+            missing = utility_target(Path(report.path).resolve().parent, utility_module).writes
+            if missing:
+                notes.append(f"{report.path} imports the loss utility from {utility_module}, which the repository "
+                             f"lacks ({', '.join(_relative(path) for path in missing)})")
+    return notes
 
 
 def _write(report: FileReport, make_folder: bool = False) -> bool:
@@ -265,7 +314,7 @@ class _Interruptible(click.Group):
     """Ctrl-C or SIGTERM: stop within a moment, say so, exit 130 (finished writes stay, none is half-done)."""
 
     def invoke(self, ctx):
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous = signal.signal(signal.SIGTERM, interrupt)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
@@ -273,10 +322,6 @@ class _Interruptible(click.Group):
             sys.exit(130)
         finally:  # run in-process (a test, an embedding), the caller's handler comes back
             signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 @click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
@@ -325,7 +370,7 @@ def verify(paths, base, include, exclude, jobs, utility_module, output_format, a
     output_format = "json" if as_json else output_format
     paths = tuple(paths) or (Path("."),)
     try:
-        changed = changed_files(paths, base)
+        changed = changed_files(paths, base, partial(wanted, paths=paths, include=tuple(include), exclude=tuple(exclude)))
     except MigrationError as error:
         if output_format == "json":
             click.echo(json.dumps({"files": [], "summary": {}, "error": str(error)}, indent=2))
@@ -335,6 +380,7 @@ def verify(paths, base, include, exclude, jobs, utility_module, output_format, a
     reports = {c.path.as_posix(): _problem_report(c) for c in candidates if c.problem and not c.stale}
     todo = [(c.path, *changed[c.path.resolve()]) for c in candidates
             if not c.problem and c.path.resolve() in changed]
+    todo += [(Path(_relative(path)), *where) for path, where in changed.items() if not path.exists()]  # gone
     reports.update({c.path.as_posix(): FileReport(c.path.as_posix(), "unchanged") for c in candidates
                     if not c.problem and c.path.resolve() not in changed})
     reports.update((report.path, report) for report in _in_workers(

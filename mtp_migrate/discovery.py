@@ -68,6 +68,21 @@ def discover(paths: tuple[Path, ...], include: tuple[str, ...], exclude: tuple[s
             yield from _once(candidate, seen)
 
 
+def wanted(path: Path, paths: tuple[Path, ...], include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether a search of the folders ``paths`` would pick ``path``, which need not exist (a file deleted
+    since a git revision): under one of them, past no skipped or excluded folder, and matching ``include``."""
+    for root in paths:
+        try:
+            parts = path.resolve().relative_to(root.resolve()).parts
+        except ValueError:
+            continue
+        folders = [root.joinpath(*parts[:depth]) for depth in range(1, len(parts))]
+        if root.is_dir() and not any(folder.name in SKIPPED_DIRS or _matches(folder, exclude) for folder in folders) \
+                and _matches(root.joinpath(*parts), include) and not _matches(root.joinpath(*parts), exclude):
+            return True
+    return False
+
+
 def _once(candidate: Candidate, seen: set[Path]) -> Iterator[Candidate]:
     if candidate.path not in seen:
         seen.add(candidate.path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,9 +38,8 @@ def unified_diff(report: FileReport) -> bytes:
     """The patch from ``source`` to ``output``, byte for byte (CRLF, BOM and missing final newlines kept)."""
     old = report.source.decode("utf-8", "surrogateescape").splitlines(keepends=True)
     new = report.output.decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    name = report.path
     lines = []
-    for line in difflib.unified_diff(old, new, f"a/{name}", f"b/{name}", n=3):
+    for line in difflib.unified_diff(old, new, _label("a/", report.path), _label("b/", report.path), n=3):
         if line.startswith(("---", "+++")):
             lines.append(line.rstrip("\n") + "\n")
         elif line.endswith(("\n", "\r")):
@@ -47,6 +47,21 @@ def unified_diff(report: FileReport) -> bytes:
         else:
             lines.append(line + "\n\\ No newline at end of file\n")
     return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+# How git writes each byte of a name it must quote (quote.c): C escapes, octal for the rest.
+_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r", 34: '\\"', 92: "\\\\"}
+
+
+def _label(prefix: str, path: str) -> str:
+    """``prefix + path`` as git writes it in a patch header: quoted, with C escapes, when it holds a control
+    character, a quote, a backslash or a non-ASCII byte (so a newline cannot break the patch); a space ends
+    it with a tab."""
+    quoted = [_ESCAPES.get(byte, f"\\{byte:03o}") if byte < 32 or byte >= 127 or byte in _ESCAPES else chr(byte)
+              for byte in os.fsencode(prefix + path)]
+    if any(len(text) > 1 for text in quoted):
+        return f'"{"".join(quoted)}"'
+    return prefix + path + ("\t" if " " in path else "")
 
 
 def write_diff(patch: bytes, color: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import sys
@@ -118,13 +119,12 @@ def _migrate(path: Path, data: bytes, rho1: str, utility_module: str, verify: bo
              emit_tests: bool) -> FileResult:
     target = utility_target(path.resolve().parent, utility_module)
     width = project.line_length(path.parent)
-    # Outside any project, the cache goes where the command runs (not into every folder).
-    store = Cache(project.project_root(path.parent) or Path.cwd()) if cache else None
+    store = Cache.of(path) if cache else None
     key = digest("file", path.name, hashlib.sha256(data).hexdigest(), rho1, utility_module, verify, width,
                  str(target.problem) if target.problem else None)
     # The tests need the programs, not only the verdicts: a file hit has none (site verdicts still hit).
-    if store is not None and not emit_tests and (hit := store.get("files", key)) is not None:
-        return FileResult(data, base64.b64decode(hit["output"]), [SiteReport.from_dict(s) for s in hit["sites"]])
+    if store is not None and not emit_tests and (hit := _intact(store.get("files", key), data)) is not None:
+        return hit
     verifier = default_verifier(store) if verify else None
     recorder = Recorder(verifier) if verifier is not None and emit_tests else None
     result = migrate_source(data, str(path), rho1=rho1, utility_module=utility_module,
@@ -133,8 +133,27 @@ def _migrate(path: Path, data: bytes, rho1: str, utility_module: str, verify: bo
         result.guards, result.import_root = recorder.sites(result.sites), target.root
     if store is not None:
         store.put("files", key, {"output": base64.b64encode(result.output).decode(),
+                                 "sha256": hashlib.sha256(result.output).hexdigest(),
                                  "sites": [site.as_dict() for site in result.sites]})
     return result
+
+
+def _intact(entry: dict | None, data: bytes) -> FileResult | None:
+    """A cached file result, only if its output is what was stored (its hash) and, changed, still parses."""
+    if entry is None:
+        return None
+    try:
+        output = base64.b64decode(entry["output"], validate=True)
+    except ValueError:
+        return None
+    if hashlib.sha256(output).hexdigest() != entry["sha256"]:
+        return None
+    if output != data:
+        try:
+            ast.parse(output)
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            return None
+    return FileResult(data, output, [SiteReport.from_dict(site) for site in entry["sites"]])
 
 
 def rewrote(result: FileResult) -> bool:

@@ -23,7 +23,8 @@ from mtp_migrate.cst_utils import code
 from mtp_migrate.flow.dataflow import FlowIndex, Level, Point, blocks_of, locate
 from mtp_migrate.mtp_loop.find import find_sites
 from mtp_migrate.refusals import Code, Refusal
-from mtp_migrate.source import MigrationError, parse_source
+from mtp_migrate.runner import PREFILTER
+from mtp_migrate.source import MigrationError, check_bytes, parse_source
 from mtp_migrate.vendoring import SHIPPED_UTILITY
 from mtp_migrate.verify.program import build
 
@@ -51,8 +52,13 @@ def revision_of(path: Path) -> str:
     return revision
 
 
-def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
-    """``{working file: (repository root, its path at revision)}`` for files that differ from ``revision``."""
+def changed_files(paths, revision: str, wanted) -> dict[Path, tuple[Path, str]]:
+    """``{working file: (repository root, its path at revision)}`` for files that differ from ``revision``.
+
+    A ``wanted`` file deleted since then that may hold a loop was renamed past git's similarity
+    threshold, or deleted: it is paired with the most similar ``wanted`` added file, and one left
+    unpaired stays under its old path (which no longer exists), for ``verify_file`` to report.
+    """
     changed = {}
     for path in paths:
         root = git_root(path if path.exists() else Path("."))
@@ -63,6 +69,7 @@ def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
             raise MigrationError(f"git diff failed: {done.stderr.decode(errors='replace').strip()}")
         fields = done.stdout.decode("utf-8", "surrogateescape").split("\0")
         position = 0
+        deleted, added = {}, []
         while position < len(fields) and fields[position]:
             status = fields[position]
             if status.startswith(("R", "C")):
@@ -71,8 +78,51 @@ def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
             else:
                 old = new = fields[position + 1]
                 position += 2
+            if status == "D":
+                if wanted(root / old):
+                    deleted[(root / old).resolve()] = old
+                continue
+            if status == "A" and wanted(root / new):
+                added.append((root / new).resolve())
             changed[(root / new).resolve()] = (root, old)
+        changed.update(_paired(root, revision, deleted, added))
     return changed
+
+
+def _paired(root: Path, revision: str, deleted: dict[Path, str], added: list[Path]) -> dict[Path, tuple[Path, str]]:
+    """Each deleted file that may hold a loop, by the added file most like it (greedily, most alike
+    first), or by itself if none is left."""
+    olds = {}
+    for path, old in deleted.items():
+        text = _git(["show", f"{revision}:{old}"], root).stdout
+        if any(marker in text for marker in PREFILTER):
+            olds[path] = (old, text)
+    news = {path: path.read_bytes() for path in added}
+    likeness = sorted(((_likeness(text, news[new]), str(path), str(new)) for path, (_, text) in olds.items()
+                       for new in news), reverse=True)
+    pairs = {}
+    for _, path, new in likeness:
+        if Path(path) in olds and Path(new) not in pairs:
+            pairs[Path(new)] = (root, olds.pop(Path(path))[0])
+    return {**pairs, **{path: (root, old) for path, (old, _) in olds.items()}}
+
+
+def _likeness(old: bytes, new: bytes) -> tuple[float, float]:
+    """How much of the old file the new one keeps: its function names first (loops are matched by them),
+    then its lines."""
+    names = [_function_names(text) for text in (old, new)]
+    lines = old.splitlines()
+    matcher = difflib.SequenceMatcher(None, lines, new.splitlines(), autojunk=False)
+    kept = sum(block.size for block in matcher.get_matching_blocks())
+    return len(names[0] & names[1]) / max(1, len(names[0])), kept / max(1, len(lines))
+
+
+def _function_names(source: bytes) -> set[str]:
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return set()
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
 
 
 def utility_files(root: Path, module: str = DEFAULT_UTILITY_MODULE) -> dict[str, str]:
@@ -186,17 +236,26 @@ def _region(old_block, new_block, start: int, stop: int) -> tuple[int, int, int,
 
 def verify_file(path: Path, root: Path, old_path: str, revision: str,
                 utility_module: str = DEFAULT_UTILITY_MODULE) -> list[dict]:
-    """One report per site of the old version that the current file changed."""
+    """One report per site of the old version that the current file changed (all of them, unjudged,
+    if the file is gone)."""
     from mtp_migrate.verify.worker import verify
 
-    current = path.read_bytes()
     done = _git(["show", f"{revision}:{old_path}"], root)
     if done.returncode != 0:  # the file is new since the revision: nothing to compare with
         return []
     try:
+        check_bytes(done.stdout)
         _, old_module = parse_source(done.stdout)
     except MigrationError as error:
         raise MigrationError(f"at {revision}: {error}") from None
+    if not path.exists():
+        gone = Refusal(Code.NOT_RUNNABLE, f"{old_path} is gone since {revision} (deleted, or renamed and edited past "
+                                          "git's rename detection with no new file to pair it with): its loop "
+                                          "cannot be judged")
+        return [{"line": site.line, "action": "rewritten", "code": gone.code.code, "reason": str(gone),
+                 "verified": False} for site in find_sites(old_module)]
+    current = path.read_bytes()
+    check_bytes(current)
     _, new_module = parse_source(current)
     if done.stdout == current:
         return []

@@ -115,8 +115,11 @@ def write_atomic(path: Path, data: bytes, expected: bytes | None = None) -> None
     """Write beside ``path``, then ``os.replace``: a killed run leaves the old file or the new one.
 
     With ``expected``, the file must still hold those bytes just before the replace;
-    otherwise it was edited during the run, and it is left alone.
+    otherwise it was edited during the run, and it is left alone. A symlink is never written
+    over (nor through).
     """
+    if path.is_symlink():
+        raise MigrationError("symlink (not followed); left as it is")
     status = path.stat() if path.exists() else None
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:

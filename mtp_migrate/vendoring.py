@@ -12,11 +12,13 @@ The rewrite imports ``compute_mtp_ce_loss`` from ``--utility-module`` (default
 Never over code we do not own: a different ``loss_utils.py``, a module that is not ours,
 or an ``__init__.py`` that binds the names to something else leaves every file alone and
 refuses the target's sites (MTP301), naming the file. ``--utility-module`` pointing at a
-new module is the way out.
+new module is the way out. Never through a symlink either: a symlinked package folder
+(or a folder above it in the tree), ``__init__.py`` or module refuses the sites (MTP302).
 """
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -71,18 +73,52 @@ def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> Uti
     parts = module.split(".")
     for folder in folders_up_to_root(directory):
         for found, root in _candidates(folder, parts):
+            files = (found / "__init__.py", found / "loss_utils.py") if found.is_dir() else (found,)
+            if link := _symlink_below(folder, files):
+                return UtilityTarget(module, problem=_through_symlink(link), root=root)
             target = _into_package(module, found) if found.is_dir() else _module_file(module, found)
             return replace(target, root=root)
         for root in (folder, folder / "src"):
             parent = root.joinpath(*parts[:-1])
             if len(parts) > 1 and (parent / "__init__.py").is_file() and module != DEFAULT_UTILITY_MODULE:
                 path = parent / f"{parts[-1]}.py"
+                if link := _symlink_below(folder, (parent / "__init__.py", path)):
+                    return UtilityTarget(module, problem=_through_symlink(link), root=root)
                 return UtilityTarget(module, {path: (b"", _shipped())}, root=root)
     if module == DEFAULT_UTILITY_MODULE:
         return UtilityTarget(module)  # the weighted_mtp installed with mtp-migrate
     return UtilityTarget(module, problem=Refusal(
         Code.UTILITY_UNAVAILABLE, f"--utility-module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
                                   f"above {directory} to write it into"))
+
+
+def _symlink_below(folder: Path, files) -> Path | None:
+    """The first symlink on the way down from ``folder`` to any of ``files`` (them included)."""
+    for file in files:
+        path = folder
+        for part in file.relative_to(folder).parts:
+            path = path / part
+            if path.is_symlink():
+                return path
+    return None
+
+
+def _through_symlink(link: Path) -> Refusal:
+    return Refusal(Code.UTILITY_UNAVAILABLE, f"{link} is a symlink (not followed): mtp-migrate writes no file "
+                                             "through one; replace it with what it points to, or pass "
+                                             "--utility-module with another module")
+
+
+def imports_utility(source: bytes, module: str) -> bool:
+    """``source`` imports the utility's functions from ``module``: a file migrated before, which needs it too."""
+    if module.encode() not in source:
+        return False
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return any(isinstance(node, ast.ImportFrom) and not node.level and node.module in (module, f"{module}.loss_utils")
+               and any(alias.name in UTILITY_NAMES for alias in node.names) for node in ast.walk(tree))
 
 
 def _module_file(module: str, path: Path) -> UtilityTarget:

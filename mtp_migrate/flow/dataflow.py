@@ -148,6 +148,10 @@ def blocks_of(statement: cst.BaseCompoundStatement):
             return suite.body
         return [cst.SimpleStatementLine(body=suite.body)]
 
+    if isinstance(statement, cst.Match):  # its blocks are its cases' (it has no body of its own)
+        for case in statement.cases:
+            yield block_of(case.body), statement, "body"
+        return
     yield block_of(statement.body), statement, "body"
     if isinstance(statement, cst.Try | cst.TryStar):
         for handler in statement.handlers:
@@ -162,9 +166,6 @@ def blocks_of(statement: cst.BaseCompoundStatement):
         yield from ((b, o, "orelse" if o is statement else r) for b, o, r in blocks_of(orelse))
     elif orelse is not None:
         yield block_of(orelse.body), statement, "orelse"
-    if isinstance(statement, cst.Match):
-        for case in statement.cases:
-            yield block_of(case.body), statement, "body"
 
 
 ALL = frozenset({"*"})  # every name: the function inspects its own locals
