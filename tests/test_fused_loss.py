@@ -373,3 +373,41 @@ def test_torch_compile_model_and_loss():
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-12, rtol=0)
     for name, grad in eager.items():
         torch.testing.assert_close(compiled[name], grad, atol=1e-12, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("loss", ["logits", "fused"])
+def test_both_losses_compile_with_fullgraph_and_match_eager(loss, objective):
+    """No graph break (the label-range check is an assert op when traced); fp64 values and every gradient."""
+    logits, labels, attention_mask, weights = make_batch(2, 6, 3, 7, seed=4, mask_dtype=torch.float64,
+                                                         mask_values="soft")
+    hidden, weight, bias = unembedding(2, 6, 3, 7, 4, seed=4, strided=True)
+    if loss == "logits":
+        def loss_fn(y, x, m, w):
+            return compute_mtp_ce_loss(x, y, m, w, chunk_size=5)
+        inputs = (logits, attention_mask, weights)
+    else:
+        def loss_fn(y, h, u, b, m, w):
+            return compute_mtp_ce_loss_from_hidden(h, u, y, m, w, bias=b, chunk_size=5)
+        inputs = (hidden, weight, bias, attention_mask, weights)
+
+    def outputs_and_grads(fn):
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+        out = fn(labels, *leaves)
+        grads = torch.autograd.grad(OBJECTIVES[objective](out), leaves, allow_unused=True)
+        return out, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
+
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    eager, eager_grads = outputs_and_grads(loss_fn)
+    compiled, compiled_grads = outputs_and_grads(compiled_fn)
+    assert eager.keys() == compiled.keys()
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], atol=1e-12, rtol=0, msg=key)
+    for got, want in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+    out_of_range = labels.clone()
+    out_of_range[0, 3] = 7
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 7\)"):
+        compiled_fn(out_of_range, *inputs)
