@@ -266,7 +266,7 @@ def cases(width):
 
 
 def ratio(row, other, key):
-    return "-" if other is None else f"{row[key] / other[key]:.2f}"
+    return "-" if other is None or not other[key] else f"{row[key] / other[key]:.2f}"
 
 
 def table(rows, shape, width):

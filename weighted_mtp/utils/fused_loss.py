@@ -44,15 +44,14 @@ from .loss_utils import (
 
 __all__ = ["compute_mtp_ce_loss_from_hidden"]
 
-# A bf16 chunk holds its logits, their fp32 gradient and its bf16 copy (4 bytes for each 1 of
-# L): 1/128 of the logits per chunk keeps the loss's own memory near 0.03 L. Every chunk reads
-# the whole unembedding, so fewer than 256 rows starve the matmuls (measured on CPU: 32-row
-# chunks took 1.9x the time of 256-row ones); on small batches the floor wins.
+# A bf16 chunk holds its logits and their fp32 exponentials (3 bytes for each 1 of L): 1/128 of
+# the logits per chunk keeps the loss's own memory near 0.03 L. Every chunk reads the whole
+# unembedding and adds to its whole gradient, so fewer than 256 rows starve the matmuls (measured
+# on CPU: 32-row chunks took 1.9x the time of 256-row ones); on small batches the floor wins.
 _FUSED_CHUNK_FRACTION = 128
 _FUSED_MIN_ROWS = 256
-# The bf16 unembedding's product joins its fp32 sum this many rows at a time: mixed dtypes make a cast copy
-# of the operand, which for a whole [V, D] one is a fresh allocation per chunk (8x slower at V=32000 D=1024).
-_ADD_ROWS = 256
+# A bf16 product joins the unembedding's fp32 gradient in this many blocks of the vocabulary.
+_WEIGHT_BLOCKS = 8
 
 
 def compute_mtp_ce_loss_from_hidden(
@@ -256,7 +255,8 @@ class _HiddenCrossEntropy(torch.autograd.Function):
             pending = coefficients * factor[:, None, None]
         else:  # one pass for every output (adding to a precomputed bf16 gradient would round twice)
             grad_hidden = grads = None  # freed before the new buffers exist
-            pending = torch.zeros_like(label_ok, dtype=_compute_dtype(hidden)) if grad_ce is None else grad_ce * label_ok
+            pending = grad_ce * label_ok if grad_ce is not None else label_ok.new_zeros(
+                label_ok.shape, dtype=_compute_dtype(hidden))
             if factor is not None:
                 pending += coefficients * factor[:, None, None]
         grads = _zero_grads(hidden, weight, bias, needs)
@@ -281,8 +281,6 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
     a gradient recomputed in backward equals the one computed in forward bit for bit."""
     batch = hidden.shape[0]
     compute_dtype = _compute_dtype(hidden)
-    # A bf16 unembedding's product before it joins the fp32 sum: one buffer for every chunk.
-    product = torch.empty_like(weight) if grads and grads[1] is not None and weight.dtype != compute_dtype else None
     for k, t0, t1 in _chunks(hidden, targets.shape[0], positions):
         rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
         target = targets[k - 1, :, t0:t1].reshape(-1, 1)
@@ -295,7 +293,7 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
             ce[k - 1, :, t0:t1] = (exp_sum.log().add_(peak).squeeze(-1) - target_logit).view(batch, t1 - t0)
         if grads is not None:
             coef = coefficients[k - 1, :, t0:t1].reshape(-1, 1)
-            _accumulate(grads, product, weight, rows, exps, logits, target, coef, coef / exp_sum, k, t0, t1)
+            _accumulate(grads, weight, rows, exps, logits, target, coef, coef / exp_sum, k, t0, t1)
 
 
 def _chunk_logits(hidden, weight, bias, k, t0, t1):
@@ -321,10 +319,10 @@ def _zero_grads(hidden, weight, bias, needs):
     )
 
 
-def _accumulate(grads, product, weight, rows, exps, low, target, coef, exp_coef, k, t0, t1):
+def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t1):
     """Add one chunk's ``(softmax - onehot) * coef`` to ``grads``, as ``exps * exp_coef - onehot * coef``:
-    ``exps`` (compute dtype, ``exp(logits - max)``) is never normalised in place, ``exp_coef`` is
-    ``coef`` over the row's sum of ``exps``.
+    ``exps`` (compute dtype) is ``exp(logits - max)``, never normalised in place, and ``exp_coef`` is
+    ``coef`` over its row's sum.
 
     The softmax part meets the unembedding and the latents in matmuls of their dtype (``low``, the
     chunk's logits buffer, takes its copy: for bf16 the fast kernels, on CPU several times fp32's speed)
@@ -340,13 +338,16 @@ def _accumulate(grads, product, weight, rows, exps, low, target, coef, exp_coef,
     low = exps if low.dtype == exps.dtype else low.copy_(exps)
     if grad_weight is not None:
         rows = rows.to(coef.dtype)
-        if product is None:
+        if low.dtype == coef.dtype:
             grad_weight.addmm_(low.T, rows * exp_coef)
         else:  # scaled into [-1, 1] first: fp16's range would flush small coefficients
             top = exp_coef.abs().amax().clamp_min(torch.finfo(coef.dtype).tiny)
-            torch.mm(low.T, (rows * (exp_coef / top)).to(low.dtype), out=product)
-            for start in range(0, product.shape[0], _ADD_ROWS):  # in blocks: a whole bf16 operand would be cast
-                grad_weight[start:start + _ADD_ROWS].addcmul_(product[start:start + _ADD_ROWS], top)  # in one copy
+            scaled = (rows * (exp_coef / top)).to(low.dtype)
+            # A few blocks of the vocabulary: the bf16 product is cast to join the fp32 sum, and a whole
+            # [V, D] one would cost two buffers that size (and a fresh allocation per chunk).
+            block = -(-low.shape[1] // _WEIGHT_BLOCKS)
+            for start in range(0, low.shape[1], block):
+                grad_weight[start:start + block].addcmul_(low[:, start:start + block].T @ scaled, top)
         grad_weight.index_add_(0, index, rows * coef, alpha=-1)
     if grad_hidden is not None:
         chunk_grad = (low @ weight).to(coef.dtype).mul_(exp_coef).sub_(weight[index] * coef)
