@@ -7,16 +7,23 @@ computes a chunk's logits, upcasts them (fp32, fp64 for fp64) and keeps the log-
 A thin wrapper masks, weights, normalises and averages the ``[n, B, S]`` per-token losses
 with ordinary tensor ops, so autograd gives the weights and a floating mask their gradients.
 
-Gradients: the weighted loss's per-token coefficients are known before the chunk pass, so,
-as in Liger-Kernel and Cut Cross-Entropy, the forward pass computes ``(softmax - onehot) *
-coef`` from the chunk it already holds and accumulates the gradients of the latents, the
-unembedding and its bias; backward only scales them. The other two outputs (and a second
-backward under ``retain_graph``) recompute the chunks' logits in backward instead: holding
-a precomputed unembedding gradient for each of them would cost ``n + 1`` gradients.
-Measured on CPU, one thread, B=4 S=256 n=4 D=512 V=4096, against "linear +
-compute_mtp_ce_loss": recomputing everything in backward took 1.31x (fp32) and 1.40x (bf16)
-its time, precomputing 1.06x and 1.25x. Memory is the same by construction: the gradients
-and one chunk either way.
+Gradients: as in Liger-Kernel, Cut Cross-Entropy and torch's ``F.linear_cross_entropy``, the
+forward pass computes ``(softmax - onehot) * coef`` from the chunk it already holds, for every
+output whose per-token coefficients ``coef`` are known then, and backward only scales them:
+
+- without ``weights``, all three outputs: the weighted and the unweighted loss then share their
+  coefficients (mask over count) up to one factor, the per-head losses up to a factor per head,
+  and each head's rows of ``hidden`` are its own. The unembedding's and the bias's gradients sum
+  over heads, though, so a gradient that reaches ``per_head_ce_loss`` recomputes those two in
+  backward (one more pass of logits and one matmul per chunk): keeping one per head would cost n
+  unembedding-sized fp32 buffers, more than the loss's whole memory otherwise.
+- with ``weights``, the weighted loss (the one pipelines train). A gradient that reaches the
+  unweighted or the per-head losses of such a call recomputes every chunk in backward: their
+  coefficients differ token by token, and precomputing both would cost every call one more
+  unembedding-sized buffer and one more matmul per chunk (3 passes of matmuls would become 4).
+
+A second backward under ``retain_graph`` recomputes too. Measured against torch's own per head
+(``benchmarks/bench_loss.py``, README): memory and time in the README's table.
 
 Torch only, like ``loss_utils.py``, whose validation and helpers it reuses.
 """
@@ -32,18 +39,19 @@ from .loss_utils import (
     _as_read,
     _position_chunks,
     _safe_divide,
-    _upcast_minus,
     _validate,
 )
 
 __all__ = ["compute_mtp_ce_loss_from_hidden"]
 
-# A bf16 chunk holds its logits, their fp32 gradient and its bf16 copy (4 bytes for each 1 of
-# L): 1/128 of the logits per chunk keeps the loss's own memory near 0.03 L. Every chunk reads
-# the whole unembedding, so fewer than 256 rows starve the matmuls (measured on CPU: 32-row
-# chunks took 1.9x the time of 256-row ones); on small batches the floor wins.
+# A bf16 chunk holds its logits and their fp32 exponentials (3 bytes for each 1 of L): 1/128 of
+# the logits per chunk keeps the loss's own memory near 0.03 L. Every chunk reads the whole
+# unembedding and adds to its whole gradient, so fewer than 256 rows starve the matmuls (measured
+# on CPU: 32-row chunks took 1.9x the time of 256-row ones); on small batches the floor wins.
 _FUSED_CHUNK_FRACTION = 128
 _FUSED_MIN_ROWS = 256
+# A bf16 product joins the unembedding's fp32 gradient in this many blocks of the vocabulary.
+_WEIGHT_BLOCKS = 8
 
 
 def compute_mtp_ce_loss_from_hidden(
@@ -91,7 +99,7 @@ def compute_mtp_ce_loss_from_hidden(
         mask_ignored_labels=mask_ignored_labels, normalize=normalize,
         head_average=head_average, overwrite_logits=False, chunk_size=chunk_size,
     )
-    compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    compute_dtype = _compute_dtype(hidden)
 
     # [n, B, S] per-token state; head k uses columns :S-k, as in loss_utils.
     targets = labels.new_zeros((n_future, batch, seq))
@@ -123,22 +131,36 @@ def compute_mtp_ce_loss_from_hidden(
     else:
         heads_counted = (denominator > 0).sum().to(compute_dtype).clamp_min(1)
 
-    # The weighted loss's per-token coefficients are known now, so its gradients are computed
-    # in the same pass as the loss; it reaches them through `carrier` (a zero), and its own
-    # graph sees the per-token losses detached (for the weights' and the mask's gradients).
+    # Gradients are computed in the forward pass for the per-token coefficients known now (the module
+    # docstring says which). The outputs that use them see the per-token losses detached and reach
+    # the gradients through zeros, `carrier` and `head_carriers`; the weights and the mask get theirs
+    # from the ordinary ops below.
     precompute = torch.is_grad_enabled() and any(
         tensor is not None and tensor.requires_grad for tensor in (hidden, weight, bias)
     )
+    shared = precompute and weights is None  # every output's coefficients are the unweighted loss's, scaled
     coefficients = None
     if precompute:
         with torch.no_grad():
-            coefficients = _safe_divide(weighted_mask, denominator[:, None, None]) / heads_counted
-    ce, carrier = _HiddenCrossEntropy.apply(hidden, weight, bias, targets, label_ok, coefficients, chunk_size)
-    per_head_weighted = _safe_divide(((ce.detach() if precompute else ce) * weighted_mask).sum(dim=heads), denominator)
-    per_head_loss = _safe_divide((ce * mask).sum(dim=heads), mask_sum)
+            if shared:
+                coefficients = _safe_divide(mask, mask_sum[:, None, None]) / n_future
+            else:
+                coefficients = _safe_divide(weighted_mask, denominator[:, None, None]) / heads_counted
+    ce, carrier, head_carriers = _HiddenCrossEntropy.apply(hidden, weight, bias, targets, label_ok, coefficients,
+                                                           chunk_size)
+    fixed = ce.detach() if precompute else ce
+    weighted = _safe_divide((fixed * weighted_mask).sum(dim=heads), denominator).sum() / heads_counted
+    per_head_loss = _safe_divide(((fixed if shared else ce) * mask).sum(dim=heads), mask_sum)
+    unweighted = per_head_loss.sum() / n_future
+    if shared:  # d(unweighted)/d(ce) is the coefficients, d(weighted)/d(ce) n/heads_counted times them
+        weighted = weighted + carrier * (n_future / heads_counted)
+        unweighted = unweighted + carrier
+        per_head_loss = per_head_loss + head_carriers * n_future
+    elif precompute:
+        weighted = weighted + carrier
     return {
-        "weighted_ce_loss": per_head_weighted.sum() / heads_counted + carrier,
-        "unweighted_ce_loss": per_head_loss.sum() / n_future,
+        "weighted_ce_loss": weighted,
+        "unweighted_ce_loss": unweighted,
         "per_head_ce_loss": per_head_loss,
         "heads_with_tokens": (mask_sum > 0).sum(),
         "heads_with_weight": (denominator > 0).sum(),
@@ -171,72 +193,107 @@ def _validate_unembedding(hidden, weight, bias) -> None:
 
 class _HiddenCrossEntropy(torch.autograd.Function):
     """Per-token ``CE(F.linear(hidden, weight, bias), target)`` as ``[n, B, S]``, 0 where not ``label_ok``,
-    and a zero whose gradient ``g`` means ``g * coefficients`` for the per-token losses.
+    and two zeros that carry precomputed gradients: gradients ``g`` for ``carrier`` and ``h`` for
+    ``head_carriers`` mean ``(g + h[k]) * coefficients[k]`` for head ``k``'s per-token losses.
 
-    Given ``coefficients``, the forward pass also computes the gradients for them, and the
-    backward pass only scales those (the weighted loss, the one that trains). A gradient that
-    reaches the per-token losses, or a second backward, recomputes the chunks' logits.
+    Given ``coefficients``, forward computes their gradients and backward scales them: per head for
+    ``hidden`` (each head's rows are its own), by ``g`` for ``weight`` and ``bias``, which sum over heads,
+    so a gradient for ``head_carriers`` recomputes those two. A gradient that reaches the per-token
+    losses, or a second backward, recomputes all three.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, label_ok, coefficients, chunk_size):
         ctx.set_materialize_grads(False)
-        batch, seq, _, _ = hidden.shape
-        compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        lse = hidden.new_zeros((targets.shape[0], batch, seq), dtype=compute_dtype)
-        ce = torch.zeros_like(lse)
+        ce = hidden.new_zeros(targets.shape, dtype=_compute_dtype(hidden))
         ctx.positions = _positions_per_chunk(hidden, chunk_size)
         needs = ctx.needs_input_grad[:3]
         grads = None
         if coefficients is not None and any(needs):
-            grads = _zero_grads(hidden, weight, bias, needs, compute_dtype)
-        for k, t0, t1 in _chunks(targets.shape[0], seq, ctx.positions):
-            rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
-            target = targets[k - 1, :, t0:t1].reshape(-1, 1)
-            peak = logits.amax(dim=-1, keepdim=True).to(compute_dtype)
-            chunk_lse = _upcast_minus(logits, peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
-            lse[k - 1, :, t0:t1] = chunk_lse.view(batch, t1 - t0)
-            ce[k - 1, :, t0:t1] = (chunk_lse - logits.gather(-1, target).squeeze(-1)).view(batch, t1 - t0)
-            if grads is not None:
-                coef = (coefficients[k - 1, :, t0:t1] * label_ok[k - 1, :, t0:t1]).reshape(-1, 1)
-                _accumulate(grads, weight, rows, logits, chunk_lse[:, None], target, coef, k, t0, t1)
+            coefficients = coefficients * label_ok  # ce is a constant 0 at an ignored label
+            grads = _zero_grads(hidden, weight, bias, needs)
+        _chunk_pass(hidden, weight, bias, targets, ctx.positions, grads, coefficients, ce=ce)
         ce.masked_fill_(~label_ok, 0.0)  # exactly 0, as cross_entropy gives, even for NaN latents
         if any(needs):  # else (no_grad, frozen inputs) keep nothing for a backward
-            ctx.save_for_backward(hidden, weight, bias, targets, label_ok, lse, coefficients)
+            ctx.save_for_backward(hidden, weight, bias, targets, label_ok, coefficients)
             ctx.precomputed = grads
-        return ce, lse.new_zeros(())
+        return ce, ce.new_zeros(()), ce.new_zeros(targets.shape[0])
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_carrier):
+    def backward(ctx, grad_ce, grad_carrier, grad_heads):
         # create_graph=True runs this with grad enabled; a second differentiation would be silently wrong.
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "compute_mtp_ce_loss_from_hidden can be differentiated only once: double backward "
                 "(create_graph=True, e.g. a gradient penalty through the loss) is not supported"
             )
-        hidden, weight, bias, targets, label_ok, lse, coefficients = ctx.saved_tensors
+        hidden, weight, bias, targets, label_ok, coefficients = ctx.saved_tensors
         grads, ctx.precomputed = ctx.precomputed, None  # the buffers become the gradients: use them once
-        if grads is not None and grad_ce is None:  # only the weighted loss: scale what forward computed
-            for grad in grads:
-                if grad is not None:
-                    grad.mul_(0 if grad_carrier is None else grad_carrier)
-            pending = None
-        else:  # one pass for every output (adding to the precomputed bf16 gradient would round twice)
-            grads = None  # freed before the new buffers exist
-            grads = _zero_grads(hidden, weight, bias, ctx.needs_input_grad[:3], lse.dtype)
-            pending = torch.zeros_like(lse) if grad_ce is None else grad_ce.to(lse.dtype)
-            if grad_carrier is not None and coefficients is not None:
-                pending += coefficients * grad_carrier
-        if pending is not None:
-            pending.mul_(label_ok)
-            for k, t0, t1 in _chunks(targets.shape[0], hidden.shape[1], ctx.positions):
-                rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
-                _accumulate(grads, weight, rows, logits, lse[k - 1, :, t0:t1].reshape(-1, 1),
-                            targets[k - 1, :, t0:t1].reshape(-1, 1), pending[k - 1, :, t0:t1].reshape(-1, 1),
-                            k, t0, t1)
-        grad_hidden, grad_weight, grad_bias = grads
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+        factor = None  # each head's factor of the coefficients
+        for grad in (grad_carrier, grad_heads):
+            if grad is not None and coefficients is not None:
+                factor = grad.expand(targets.shape[0]) if factor is None else factor + grad
+        needs = ctx.needs_input_grad[:3]
+        if grad_ce is None and factor is None:  # no gradient reached any output
+            return (None,) * 7
+        if grads is not None and grad_ce is None:  # only carriers: scale what forward computed
+            grad_hidden = grads[0]
+            if grad_heads is None:
+                for grad in grads:
+                    if grad is not None:
+                        grad.mul_(grad_carrier)
+                return _returned(grads, weight, bias)
+            # A factor per head: the sums over heads (the unembedding's, the bias's) are recomputed, and
+            # so is a bf16 `hidden`, which a rescaling would round twice.
+            grads = None
+            if grad_hidden is not None and hidden.dtype == _compute_dtype(hidden):
+                heads = min(targets.shape[0], hidden.shape[2])  # heads past the latents' have no position
+                grad_hidden[:, :, :heads].mul_(factor[:heads, None])
+                needs = (False, *needs[1:])
+            else:
+                grad_hidden = None
+            pending = coefficients * factor[:, None, None]
+        else:  # one pass for every output (adding to a precomputed bf16 gradient would round twice)
+            grad_hidden = grads = None  # freed before the new buffers exist
+            pending = grad_ce * label_ok if grad_ce is not None else label_ok.new_zeros(
+                label_ok.shape, dtype=_compute_dtype(hidden))
+            if factor is not None:
+                pending += coefficients * factor[:, None, None]
+        grads = _zero_grads(hidden, weight, bias, needs)
+        _chunk_pass(hidden, weight, bias, targets, ctx.positions, grads, pending)
+        return _returned((grad_hidden if grads[0] is None else grads[0], *grads[1:]), weight, bias)
+
+
+def _returned(grads, weight, bias):
+    """The gradients in the inputs' dtypes, then a ``None`` for each non-tensor input."""
+    grad_hidden, grad_weight, grad_bias = grads
+    return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
+
+
+def _compute_dtype(hidden):
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, ce=None):
+    """Walk every head's chunks: fill ``ce`` when given (forward) and, with ``grads``, add each chunk's
+    ``(softmax - onehot) * coefficients`` to them. Both passes compute the softmax with the same ops, so
+    a gradient recomputed in backward equals the one computed in forward bit for bit."""
+    batch = hidden.shape[0]
+    compute_dtype = _compute_dtype(hidden)
+    for k, t0, t1 in _chunks(hidden, targets.shape[0], positions):
+        rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
+        target = targets[k - 1, :, t0:t1].reshape(-1, 1)
+        if ce is not None:
+            target_logit = logits.gather(-1, target).squeeze(-1)  # before `exps` (maybe `logits`) changes
+        exps = logits if logits.dtype == compute_dtype else logits.to(compute_dtype)
+        peak = exps.amax(dim=-1, keepdim=True)
+        exp_sum = exps.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+        if ce is not None:
+            ce[k - 1, :, t0:t1] = (exp_sum.log().add_(peak).squeeze(-1) - target_logit).view(batch, t1 - t0)
+        if grads is not None:
+            coef = coefficients[k - 1, :, t0:t1].reshape(-1, 1)
+            _accumulate(grads, weight, rows, exps, logits, target, coef, coef / exp_sum, k, t0, t1)
 
 
 def _chunk_logits(hidden, weight, bias, k, t0, t1):
@@ -249,31 +306,52 @@ def _chunk_logits(hidden, weight, bias, k, t0, t1):
     return rows, rows @ weight.T if bias is None else torch.addmm(bias, rows, weight.T)
 
 
-def _zero_grads(hidden, weight, bias, needs, compute_dtype):
+def _zero_grads(hidden, weight, bias, needs):
     """Gradient buffers of ``hidden``, ``weight`` and ``bias`` (``None`` where not needed).
 
     The unembedding's and the bias's sum over every chunk, so they accumulate in the compute
-    dtype: bf16 sums of 64+ chunks lose to the logits path's single matmul.
+    dtype and are rounded once at the end.
     """
     return (
         torch.zeros_like(hidden) if needs[0] else None,
-        torch.zeros_like(weight, dtype=compute_dtype) if needs[1] else None,
-        torch.zeros_like(bias, dtype=compute_dtype) if needs[2] else None,
+        torch.zeros_like(weight, dtype=_compute_dtype(hidden)) if needs[1] else None,
+        torch.zeros_like(bias, dtype=_compute_dtype(hidden)) if needs[2] else None,
     )
 
 
-def _accumulate(grads, weight, rows, logits, lse, target, coef, k, t0, t1):
-    """Add one chunk's ``(softmax - onehot) * coef`` to the gradients; consumes ``logits``."""
+def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t1):
+    """Add one chunk's ``(softmax - onehot) * coef`` to ``grads``, as ``exps * exp_coef - onehot * coef``:
+    ``exps`` (compute dtype) is ``exp(logits - max)``, never normalised in place, and ``exp_coef`` is
+    ``coef`` over its row's sum.
+
+    The softmax part meets the unembedding and the latents in matmuls of their dtype (``low``, the
+    chunk's logits buffer, takes its copy: for bf16 the fast kernels, on CPU several times fp32's speed)
+    with the coefficients on the narrow ``[rows, D]`` side. The one-hot part is added exactly in the
+    compute dtype, as are the sums over chunks, and each gradient is rounded to the input dtype once:
+    a bf16 gradient lands nearer fp64 than the logits path's, which rounds ``(softmax - onehot) * coef``
+    to bf16 before its matmuls.
+    """
     grad_hidden, grad_weight, grad_bias = grads
-    grad = logits.sub_(lse) if logits.dtype == lse.dtype else _upcast_minus(logits, lse)
-    grad.exp_().mul_(coef).scatter_add_(-1, target, -coef)
+    index = target.squeeze(-1)
     if grad_bias is not None:
-        grad_bias += grad.sum(dim=0)
+        grad_bias.addmv_(exps.T, exp_coef.squeeze(-1)).index_add_(0, index, coef.squeeze(-1), alpha=-1)
+    low = exps if low.dtype == exps.dtype else low.copy_(exps)
     if grad_weight is not None:
-        grad_weight.addmm_(grad.T, rows.to(grad.dtype))
+        rows = rows.to(coef.dtype)
+        if low.dtype == coef.dtype:
+            grad_weight.addmm_(low.T, rows * exp_coef)
+        else:  # scaled into [-1, 1] first: fp16's range would flush small coefficients
+            top = exp_coef.abs().amax().clamp_min(torch.finfo(coef.dtype).tiny)
+            scaled = (rows * (exp_coef / top)).to(low.dtype)
+            # A few blocks of the vocabulary: the bf16 product is cast to join the fp32 sum, and a whole
+            # [V, D] one would cost two buffers that size (and a fresh allocation per chunk).
+            block = -(-low.shape[1] // _WEIGHT_BLOCKS)
+            for start in range(0, low.shape[1], block):
+                grad_weight[start:start + block].addcmul_(low[:, start:start + block].T @ scaled, top)
+        grad_weight.index_add_(0, index, rows * coef, alpha=-1)
     if grad_hidden is not None:
-        batch = grad_hidden.shape[0]
-        grad_hidden[:, t0:t1, k - 1, :] += (grad.to(weight.dtype) @ weight).view(batch, t1 - t0, weight.shape[1])
+        chunk_grad = (low @ weight).to(coef.dtype).mul_(exp_coef).sub_(weight[index] * coef)
+        grad_hidden[:, t0:t1, k - 1, :] = chunk_grad.view(grad_hidden.shape[0], t1 - t0, -1)
 
 
 def _positions_per_chunk(hidden, chunk_size) -> int:
@@ -283,8 +361,9 @@ def _positions_per_chunk(hidden, chunk_size) -> int:
     return max(1, chunk_size // max(batch, 1))
 
 
-def _chunks(n_future, seq, positions_per_chunk):
-    """``(k, t0, t1)`` for every head ``k`` (1-based) with positions and every chunk of them."""
-    for k in range(1, min(n_future, seq - 1) + 1):
+def _chunks(hidden, n_future, positions_per_chunk):
+    """``(k, t0, t1)`` for every head ``k`` (1-based) with positions and every chunk of them; none for no rows."""
+    batch, seq = hidden.shape[:2]
+    for k in range(1, min(n_future, seq - 1) + 1 if batch else 1):
         for t0, t1 in _position_chunks(seq - k, positions_per_chunk):
             yield k, t0, t1

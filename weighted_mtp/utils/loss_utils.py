@@ -105,7 +105,9 @@ def compute_mtp_ce_loss(
     Raises:
         ValueError / TypeError: wrong ranks or shapes, non-integer labels, complex weights,
             an unknown option value, 3-D weights with an alignment other than ``"input"``,
-            or (on CPU) a label outside ``[0, V)`` other than ``ignore_index``.
+            or (on CPU) a label outside ``[0, V)`` other than ``ignore_index``. Under
+            ``torch.compile`` that last check is an assert op in the graph (``fullgraph=True``
+            works) and raises ``RuntimeError`` with the same message.
     """
     labels, weights = _as_read(labels, weights)
     n_future = _validate(
@@ -224,9 +226,13 @@ def _validate(logits, labels, attention_mask, weights, *, n_future, ignore_index
         # Only positions 1.. are ever targets. On CUDA this check would force a host sync.
         targets = labels[:, 1:]
         bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-        if bool(bad.any()):
-            value = int(targets[bad][0])
-            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}, found {value}")
+        message = f"labels must be in [0, {vocab}) or ignore_index={ignore_index}"
+        if torch.compiler.is_compiling():
+            # A traced graph cannot branch on data (fullgraph=True would fail): an assert op instead,
+            # which raises RuntimeError with the same message when the compiled code runs.
+            torch._assert_async(~bad.any(), message)
+        elif bool(bad.any()):
+            raise ValueError(f"{message}, found {int(targets[bad][0])}")
     return n_future
 
 
@@ -425,8 +431,8 @@ def _logits_grad(logits, lse, targets, ce_grad, overwrite_logits, positions_per_
             out = grad[:, t0:t1, k - 1, :]
             coef = ce_grad[k - 1, :, t0:t1, None]
             shifted = lse[k - 1, :, t0:t1, None]
-            if out.dtype == compute_dtype:  # write in place, no chunk buffer
-                buffer = torch.sub(chunk, shifted, out=out)
+            if out.dtype == compute_dtype:  # write in place, no chunk buffer (Dynamo refuses a strided out=)
+                buffer = out.copy_(chunk).sub_(shifted)
             else:
                 buffer = _upcast_minus(chunk, shifted)
             buffer.exp_().mul_(coef)
