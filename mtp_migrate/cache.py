@@ -21,9 +21,11 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from mtp_migrate.config import SHIPPED_UTILITY
+
 DIRECTORY = ".mtp_migrate_cache"
 VERSION = "v1"
-_PACKAGES = (Path(__file__).parent, Path(__file__).parents[1] / "weighted_mtp")
+_PACKAGES = (Path(__file__).parent, SHIPPED_UTILITY.parent)
 
 
 @lru_cache(maxsize=1)

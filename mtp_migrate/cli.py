@@ -28,7 +28,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mtp_migrate.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
+from mtp_migrate.config import DEFAULT_RHO1, RHO1_MODES
 from mtp_migrate.discovery import discover, shown
 from mtp_migrate.emit_tests import test_modules
 from mtp_migrate.refusals import Code
@@ -43,13 +43,14 @@ from mtp_migrate.report import (
 )
 from mtp_migrate.runner import migrate_file, rewrote
 from mtp_migrate.source import MigrationError, write_atomic
-from mtp_migrate.vendoring import utility_target
+from mtp_migrate.vendoring import DOTTED, utility_target
 
 DOCS = Path(__file__).parents[1] / "docs"
 OUTPUT_FORMATS = ("text", "json", "github")
 
 
-def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool, emit_tests: bool) -> FileReport:
+def process(path: str, rho1: str, utility_module: str | None, verify: bool, cache: bool,
+            emit_tests: bool) -> FileReport:
     """One file, never raising: bad input becomes an ``error`` report (runs in a worker)."""
     try:
         result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, verify=verify, cache=cache,
@@ -117,7 +118,7 @@ def _problem_report(candidate) -> FileReport:
     return FileReport(shown(candidate.path.as_posix()), "skipped" if candidate.skipped else "error", candidate.problem)
 
 
-def _vendoring_reports(reports: list[FileReport], utility_module: str) -> list[FileReport]:
+def _vendoring_reports(reports: list[FileReport], utility_module: str | None) -> list[FileReport]:
     """The utility module written into each target whose files got a rewrite (never over code we do not own)."""
     writes: dict[Path, tuple[bytes, bytes]] = {}
     for report in reports:
@@ -155,8 +156,10 @@ def _common(function):
                      help="rho1-style loops: insert del, rewrite them, or skip them"),
         click.option("--no-verify", is_flag=True, help="do not verify sites numerically (faster; not recommended)"),
         click.option("--no-cache", is_flag=True, help="verify every site again (ignore .mtp_migrate_cache/)"),
-        click.option("--utility-module", default=DEFAULT_UTILITY_MODULE, show_default=True,
-                     callback=_module_name, help="import path of compute_mtp_ce_loss"),
+        click.option("--utility-module", callback=_module_name,
+                     help="import path of compute_mtp_ce_loss, written into the repository [default: "
+                          "[tool.mtp-migrate] utility-module, else the repository's weighted_mtp.utils package, "
+                          "else mtp_loss_utils.py beside each pipeline]"),
         click.option("--emit-tests", metavar="DIR", type=click.Path(path_type=Path, file_okay=False),
                      help="also write, into DIR, a pytest module per migrated file that checks the utility "
                           "still computes what each replaced loop computed (torch and pytest only)"),
@@ -175,8 +178,8 @@ def _output_options() -> list:
     ]
 
 
-def _module_name(context, parameter, value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", value):
+def _module_name(context, parameter, value: str | None) -> str | None:
+    if value is not None and not DOTTED.fullmatch(value):
         raise click.BadParameter(f"{value!r} is not a dotted module name")
     return value
 
@@ -282,7 +285,7 @@ def _interrupt(signum, frame):
 @click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mtp-migrate")
 def main() -> None:
-    """Migrate multi-token-prediction loss loops to weighted_mtp.utils.compute_mtp_ce_loss."""
+    """Migrate multi-token-prediction loss loops to compute_mtp_ce_loss, vendored into the repository."""
 
 
 @main.command()

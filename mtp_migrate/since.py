@@ -22,7 +22,7 @@ from mtp_migrate.mtp_loop.dataflow import FlowIndex, Level, Point, blocks_of, lo
 from mtp_migrate.mtp_loop.find import find_sites
 from mtp_migrate.refusals import Code, Refusal
 from mtp_migrate.source import MigrationError, parse_source
-from mtp_migrate.vendoring import SHIPPED_UTILITY
+from mtp_migrate.vendoring import SHIPPED_UTILITY, utility_target
 from mtp_migrate.verify.program import build
 
 
@@ -73,13 +73,12 @@ def changed_files(paths, revision: str) -> dict[Path, tuple[Path, str]]:
     return changed
 
 
-def _utility_files(root: Path) -> dict[str, str]:
-    """The target's own copy of the utility, if it has one (else the import resolves to ours)."""
-    for base in (root, root / "src"):
-        utility = base / "weighted_mtp" / "utils" / "loss_utils.py"
-        if utility.is_file():
-            return {"weighted_mtp.utils": str(utility), "weighted_mtp.utils.loss_utils": str(utility)}
-    return {"weighted_mtp.utils": str(SHIPPED_UTILITY), "weighted_mtp.utils.loss_utils": str(SHIPPED_UTILITY)}
+def _utility_files(path: Path) -> dict[str, str]:
+    """The utility module the file imports (``vendoring.py``), loaded from the target's copy of it (from
+    ours while there is none yet)."""
+    target = utility_target(path.resolve().parent)
+    utility = str(target.file if target.file is not None and target.file.is_file() else SHIPPED_UTILITY)
+    return {target.module: utility, f"{target.module}.loss_utils": utility}
 
 
 def _statement_key(statement: cst.CSTNode) -> str:
@@ -166,7 +165,7 @@ def verify_file(path: Path, root: Path, old_path: str, revision: str) -> list[di
     if done.stdout == current:
         return []
     old_index, new_index = FlowIndex(), FlowIndex()
-    utility = _utility_files(root)
+    utility = _utility_files(path)
     reports = []
     for site in find_sites(old_module):
         try:

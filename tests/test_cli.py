@@ -22,8 +22,9 @@ FIXTURES = ROOT / "fixtures" / "codemod"
 
 @pytest.fixture
 def repo(tmp_path):
-    """A copy of the before/ pipelines plus ordinary files, a venv and an ignored file."""
+    """A copy of the before/ pipelines (and their settings) plus ordinary files, a venv and an ignored file."""
     shutil.copytree(BEFORE, tmp_path / "pipelines")
+    shutil.copy(BEFORE.parent / "pyproject.toml", tmp_path)
     (tmp_path / "run_plain.py").write_text("print('no loop here')\n")
     (tmp_path / ".venv" / "lib").mkdir(parents=True)
     (tmp_path / ".venv" / "pyvenv.cfg").write_text("home = /usr\n")
@@ -43,7 +44,8 @@ def test_diff_writes_nothing_and_exits_1(repo):
     before = snapshot(repo)
     result = invoke("diff", ".", cwd=repo)
     assert result.exit_code == 1, result.output
-    assert "+from weighted_mtp.utils import compute_mtp_ce_loss" in result.output
+    assert "+from mtp_loss_utils import compute_mtp_ce_loss" in result.output
+    assert "+++ b/pipelines/mtp_loss_utils.py" in result.output  # no weighted_mtp package: vendored beside them
     assert "run_ignored" not in result.output and "run_inside_venv" not in result.output
     assert snapshot(repo) == before
 
@@ -54,7 +56,7 @@ def test_check_exits_1_then_apply_then_0_and_apply_is_idempotent(repo):
     os.chmod(repo / "pipelines" / "run_rho1.py", mode)
     result = invoke("apply", ".", cwd=repo)
     assert result.exit_code == 0, result.output
-    for name in ("run_verifiable.py", "run_baseline.py", "run_rho1.py"):
+    for name in ("run_verifiable.py", "run_baseline.py", "run_rho1.py", "mtp_loss_utils.py"):
         assert (repo / "pipelines" / name).read_bytes() == (AFTER / name).read_bytes()
     assert stat.S_IMODE((repo / "pipelines" / "run_rho1.py").stat().st_mode) == mode
     after_first = snapshot(repo)
@@ -68,7 +70,8 @@ def test_crlf_and_bom_survive_apply(tmp_path):
     target = tmp_path / "run_crlf.py"
     shutil.copy(FIXTURES / "crlf_bom.in.py", target)
     assert invoke("apply", str(target), cwd=tmp_path).exit_code == 0
-    assert target.read_bytes() == (FIXTURES / "crlf_bom.out.py").read_bytes()
+    expected = (FIXTURES / "crlf_bom.out.py").read_bytes()  # its utility import, vendored here
+    assert target.read_bytes() == expected.replace(b"from weighted_mtp.utils import", b"from mtp_loss_utils import")
 
 
 BAD_INPUTS = {
@@ -218,10 +221,12 @@ def test_apply_reports_verified_sites_and_no_verify_skips_verification(tmp_path)
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_other.py")
     verified = json.loads(invoke("apply", "run_baseline.py", "--json", cwd=tmp_path).output)
-    assert [s["verified"] for s in verified["files"][0]["sites"]] == [True, True]
+    files = {f["path"]: f for f in verified["files"]}
+    assert [s["verified"] for s in files["run_baseline.py"]["sites"]] == [True, True]
     assert verified["summary"]["sites_verified"] == 2
     unverified = json.loads(invoke("apply", "run_other.py", "--json", "--no-verify", cwd=tmp_path).output)
-    assert [(s["action"], s["verified"]) for s in unverified["files"][0]["sites"]] == [("rewritten", False)] * 2
+    (other,) = [f for f in unverified["files"] if f["path"] == "run_other.py"]
+    assert [(s["action"], s["verified"]) for s in other["sites"]] == [("rewritten", False)] * 2
 
 
 def test_the_cache_serves_a_second_run_and_no_cache_bypasses_it(tmp_path, monkeypatch):

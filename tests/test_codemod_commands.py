@@ -116,8 +116,8 @@ class TestExportUtility(CodemodTest):
     def test_adds_import_and_all_entries(self):
         before = '"""Utils."""\n\nfrom .other import helper\n\n__all__ = ["helper"]\n'
         after = (
-            '"""Utils."""\n\nfrom .other import helper\n'
-            "from .loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted\n\n"
+            '"""Utils."""\n\nfrom .loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted\n'
+            "from .other import helper\n\n"
             '__all__ = ["helper", "compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"]\n'
         )
         self.assertCodemod(before, after)
@@ -142,7 +142,9 @@ SHIPPED = (ROOT / "weighted_mtp" / "utils" / "loss_utils.py").read_bytes()
 def _package(tmp_path, init: str = 'from weighted_mtp.utils.misc import helper\n\n__all__ = ["helper"]\n'):
     package = tmp_path / "weighted_mtp" / "utils"
     package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
     (package / "__init__.py").write_text(init)
+    (package / "misc.py").write_text("def helper():\n    pass\n")
     (tmp_path / ".git").mkdir()
     return package
 
@@ -154,7 +156,9 @@ def test_vendoring_writes_identical_utility_and_exports(tmp_path):
     assert set(target.writes) == {package / "loss_utils.py", package / "__init__.py"}
     assert target.writes[package / "loss_utils.py"][1] == SHIPPED
     init = target.writes[package / "__init__.py"][1].decode()
-    assert "from weighted_mtp.utils.loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted" in init
+    # first-party, sorted before .misc, wrapped at 88 (95 characters on one line)
+    assert init.startswith("from weighted_mtp.utils.loss_utils import (\n    compute_mtp_ce_loss,\n"
+                           "    compute_mtp_ce_loss_unweighted,\n)\nfrom weighted_mtp.utils.misc import helper\n")
     assert '"compute_mtp_ce_loss_unweighted"]' in init
     for path, (_, new) in target.writes.items():
         path.write_bytes(new)
