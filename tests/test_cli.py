@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 from cli_runner import invoke
+from click.testing import CliRunner
 
 from mtp_migrate import source
+from mtp_migrate.cli import main
 from mtp_migrate.refusals import Code, Refusal
 
 ROOT = Path(__file__).parents[1]
@@ -245,3 +248,28 @@ def test_the_cache_serves_a_second_run_and_no_cache_bypasses_it(tmp_path, monkey
     assert second.output == first.output
     bypassed = invoke("check", ".", "--json", "--jobs", "1", "--no-cache", cwd=tmp_path)
     assert "migrated again" in json.loads(bypassed.output)["files"][0]["error"]
+
+
+def test_check_names_each_pending_and_refused_site_with_its_line_and_code(tmp_path):
+    """What a failing pre-commit run shows: every site of the JSON report, one line each, refusals with a hint."""
+    for name in ("run_baseline.py", "run_rho1.py"):
+        shutil.copy(BEFORE / name, tmp_path / name)
+    files = json.loads(invoke("check", ".", "--json", cwd=tmp_path).output)["files"]
+    result = invoke("check", ".", cwd=tmp_path)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    sites = [(f["path"], s) for f in files for s in f["sites"]]
+    assert {s["action"] for _, s in sites} == {"rewritten", "del_inserted", "skipped"}
+    for path, site in sites:
+        if site["action"] == "skipped":
+            expected = f"skipped {path}:{site['line']}: {site['reason']} (mtp-migrate explain {site['code']})"
+        else:
+            expected = f"pending {path}:{site['line']}: "
+        assert any(line.startswith(expected) for line in lines), (expected, result.output)
+    assert "pending mtp_loss_utils.py: written with the migration" in lines
+
+
+def test_version_is_the_projects():
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip().endswith(f"version {version}")
