@@ -45,7 +45,11 @@ from mtp_migrate.runner import migrate_file, rewrote
 from mtp_migrate.source import MigrationError, write_atomic
 from mtp_migrate.vendoring import DOTTED, utility_target
 
-DOCS = Path(__file__).parents[1] / "docs"
+# docs/ ships in the wheel as mtp_migrate/docs/; a checkout (an editable install) has it beside the package.
+DOCS = Path(__file__).parent / "docs"
+if not DOCS.is_dir():
+    DOCS = Path(__file__).parents[1] / "docs"
+
 OUTPUT_FORMATS = ("text", "json", "github")
 
 
