@@ -11,11 +11,10 @@ one wins. The default is 88. ``[tool.mtp-migrate] utility-module`` is read the s
 from __future__ import annotations
 
 import configparser
+import tomllib
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 from pathlib import Path
-
-import tomllib
 
 from mtp_migrate.config import DEFAULT_LINE_LENGTH
 

@@ -93,7 +93,7 @@ def utility_target(directory: Path, module: str | None = None) -> UtilityTarget:
                 path = parent / f"{parts[-1]}.py"
                 return UtilityTarget(module, {path: (b"", _shipped())}, root=root, file=path)
     return UtilityTarget(module, problem=Refusal(
-        Code.UTILITY_UNAVAILABLE, f"--utility-module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
+        Code.UTILITY_UNAVAILABLE, f"utility module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
                                   f"above {directory} to write it into"))
 
 

@@ -6,10 +6,10 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from cli_runner import invoke
 from click.testing import CliRunner
 

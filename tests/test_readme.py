@@ -9,10 +9,10 @@ excerpt elides with ``...`` lines: each piece between them must appear, in order
 import os
 import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from cli_runner import invoke
 
 ROOT = Path(__file__).parents[1]
