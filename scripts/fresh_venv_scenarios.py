@@ -119,7 +119,7 @@ def user_package_intact(venv: Venv, project: Path, files: dict | None) -> None:
     if files is not None:
         check(venv.files("weighted_mtp") == files, "the user's installed files are unchanged, byte for byte")
     problems = [line for line in venv.pip("check", expect=None).splitlines() if re.search(r"weighted|mtp", line, re.I)]
-    check(not problems, f"pip check: nothing about weighted-mtp or mtp-migrate {problems or ''}")
+    check(not problems, "pip check: nothing about weighted-mtp or mtp-migrate" + (f" {problems}" if problems else ""))
 
 
 def tool_works(venv: Venv, editable_root: Path | None = None) -> None:
@@ -127,9 +127,10 @@ def tool_works(venv: Venv, editable_root: Path | None = None) -> None:
     shipped = (editable_root / "weighted_mtp/utils/loss_utils.py") if editable_root else (
         venv.site / "mtp_migrate/loss/loss_utils.py")
     check(str(shipped) in out, f"the shipped utility is found at {shipped}")
-    top = venv.python("import importlib.metadata as m; print(m.distribution('mtp-migrate').read_text('top_level.txt'))",
-                      expect=None)
-    check(editable_root is not None or top.split() == ["mtp_migrate"], "the wheel's only top-level name: mtp_migrate")
+    if editable_root is None:
+        top = venv.python("import importlib.metadata as m; print(m.distribution('mtp-migrate').read_text("
+                          "'top_level.txt'))")
+        check(top.split() == ["mtp_migrate"], "the wheel's only top-level name: mtp_migrate")
     check(f"version {VERSION}" in run([venv.bin("mtp-migrate"), "--version"]), f"mtp-migrate --version: {VERSION}")
 
 

@@ -273,3 +273,14 @@ def test_version_is_the_projects():
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     result = CliRunner().invoke(main, ["--version"])
     assert result.exit_code == 0 and result.output.strip().endswith(f"version {version}")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["explain", "MTP203"], ["check", "."]], ids=" ".join)
+def test_start_up_imports_no_torch(tmp_path, args):
+    """Nothing to verify, nothing to import torch for (it takes seconds): --help, explain, a check without sites."""
+    (tmp_path / "run_plain.py").write_text("import torch.nn.functional as F\n\n\ndef f(x, y):\n    return F.cross_entropy(x, y)\n")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mtp_migrate", *args], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "mtp_migrate.cli" in imported and "torch" not in imported
