@@ -158,6 +158,13 @@ class TestExportUtility(CodemodTest):
         self.assertCodemod(before, after)
         self.assertCodemod(after, after)
 
+    def test_the_import_and_a_one_line_all_are_wrapped_at_the_line_length(self):
+        before = 'from .other import helper\n\n__all__ = ["helper"]\n'
+        after = ("from .loss_utils import (\n    compute_mtp_ce_loss,\n    compute_mtp_ce_loss_unweighted,\n)\n"
+                 'from .other import helper\n\n__all__ = [\n    "helper",\n    "compute_mtp_ce_loss",\n'
+                 '    "compute_mtp_ce_loss_unweighted",\n]\n')
+        self.assertCodemod(before, after, line_length=60)
+
 
 def test_rho1_modes():
     source = (FIXTURES / "rho1_selective.in.py").read_text()
