@@ -45,6 +45,7 @@ USER_PROJECT = ROOT / "fixtures" / "repos" / "src_layout"
 SCRIPTS = ROOT / "fixtures" / "pipelines"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 FAILURES: list[str] = []
+UNTRACKED = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
 
 
 def run(command: list, cwd: Path | None = None, expect: int | None = 0) -> str:
@@ -259,9 +260,10 @@ def main() -> int:
     try:
         torch = torch_only(work / "torch-only")
         dist = work / "dist"
-        print("== building the wheels (mtp-migrate, the user's weighted-mtp)")
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, ROOT])
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, USER_PROJECT])
+        print("== building the wheels (mtp-migrate, the user's weighted-mtp), from copies: a build leaves build/")
+        for source, copy in ((ROOT, work / "mtp-migrate-source"), (USER_PROJECT, work / "user-source")):
+            shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*UNTRACKED))
+            run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", dist, copy])
         user_wheel = next(dist.glob("weighted_mtp-*.whl"))
         timed(scenario_user_first, work, torch, dist, user_wheel, editable=True)
         timed(scenario_user_first, work, torch, dist, user_wheel, editable=False)
