@@ -41,9 +41,10 @@ def project_root(start: Path) -> Path | None:
 def first_party(folder: Path, pending: Iterable[Path] = ()) -> Callable[[str], bool]:
     """Whether an absolute import is first-party in a file in ``folder``, as ruff's isort decides by
     default: the module's path is a folder or a ``.py`` file (or one of the files ``pending`` to be
-    written) under the project root or its ``src/``, or the module is in the file's own package."""
+    written) under the project root (outside a project: where the command runs) or its ``src/``, or the
+    module is in the file's own package."""
     folder = folder.resolve()
-    root = project_root(folder) or folder
+    root = project_root(folder) or Path.cwd().resolve()  # outside a project, ruff's root is where it runs
     package = folder if (folder / "__init__.py").is_file() else None
     while package is not None and (package.parent / "__init__.py").is_file():
         package = package.parent
