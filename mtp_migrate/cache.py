@@ -30,12 +30,13 @@ from importlib import metadata
 from pathlib import Path
 
 from mtp_migrate import project
+from mtp_migrate.config import SHIPPED_UTILITY
 from mtp_migrate.mtp_loop.spec import Action
 from mtp_migrate.refusals import Code
 
 DIRECTORY = ".mtp_migrate_cache"
 VERSION = "v2"  # v2: signed entries
-_PACKAGES = (Path(__file__).parent, Path(__file__).parents[1] / "weighted_mtp")
+_PACKAGES = (Path(__file__).parent, SHIPPED_UTILITY.parent)
 _MARKERS = {".gitignore": "# Created by mtp-migrate: nothing here is source.\n*\n",
             "CACHEDIR.TAG": "Signature: 8a477f597d28d172789f06886806bc55\n"}
 _FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW

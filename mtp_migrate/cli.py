@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mtp_migrate.cache import Cache
-from mtp_migrate.config import DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
+from mtp_migrate.config import DEFAULT_RHO1, RHO1_MODES
 from mtp_migrate.discovery import discover, shown, wanted
 from mtp_migrate.emit_tests import test_modules
 from mtp_migrate.entry import interrupt
@@ -45,13 +45,18 @@ from mtp_migrate.report import (
 )
 from mtp_migrate.runner import migrate_file, rewrote
 from mtp_migrate.source import MigrationError, write_atomic
-from mtp_migrate.vendoring import imports_utility, utility_target
+from mtp_migrate.vendoring import DOTTED, imports_utility, utility_target
 
-DOCS = Path(__file__).parents[1] / "docs"
+# docs/ ships in the wheel as mtp_migrate/docs/; a checkout (an editable install) has it beside the package.
+DOCS = Path(__file__).parent / "docs"
+if not DOCS.is_dir():
+    DOCS = Path(__file__).parents[1] / "docs"
+
 OUTPUT_FORMATS = ("text", "json", "github")
 
 
-def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool, emit_tests: bool) -> FileReport:
+def process(path: str, rho1: str, utility_module: str | None, verify: bool, cache: bool,
+            emit_tests: bool) -> FileReport:
     """One file, never raising: bad input becomes an ``error`` report (runs in a worker)."""
     try:
         result = migrate_file(Path(path), rho1=rho1, utility_module=utility_module, verify=verify, cache=cache,
@@ -67,7 +72,8 @@ def process(path: str, rho1: str, utility_module: str, verify: bool, cache: bool
         status = "skipped"
     else:
         status = "unchanged"
-    needs_utility = rewrote(result) or imports_utility(result.output, utility_module)
+    needs_utility = rewrote(result) or imports_utility(
+        result.output, utility_target(Path(path).resolve().parent, utility_module).module)
     return FileReport(path, status, None, sites, result.source, result.output, needs_utility, guards=result.guards,
                       import_root=result.import_root)
 
@@ -120,7 +126,7 @@ def _problem_report(candidate) -> FileReport:
     return FileReport(shown(candidate.path.as_posix()), "skipped" if candidate.skipped else "error", candidate.problem)
 
 
-def _vendoring_reports(reports: list[FileReport], utility_module: str) -> list[FileReport]:
+def _vendoring_reports(reports: list[FileReport], utility_module: str | None) -> list[FileReport]:
     """The utility module written into each target whose files import it (never over code we do not own)."""
     writes: dict[Path, tuple[bytes, bytes]] = {}
     for report in reports:
@@ -158,8 +164,10 @@ def _common(function):
                      help="rho1-style loops: insert del, rewrite them, or skip them"),
         click.option("--no-verify", is_flag=True, help="do not verify sites numerically (faster; not recommended)"),
         click.option("--no-cache", is_flag=True, help="verify every site again (ignore .mtp_migrate_cache/)"),
-        click.option("--utility-module", default=DEFAULT_UTILITY_MODULE, show_default=True,
-                     callback=_module_name, help="import path of compute_mtp_ce_loss"),
+        click.option("--utility-module", callback=_module_name,
+                     help="import path of compute_mtp_ce_loss, written into the repository [default: "
+                          "[tool.mtp-migrate] utility-module, else the repository's weighted_mtp.utils package, "
+                          "else mtp_loss_utils.py beside each pipeline]"),
         click.option("--emit-tests", metavar="DIR", type=click.Path(path_type=Path, file_okay=False),
                      help="also write, into DIR, a pytest module per migrated file that checks the utility "
                           "still computes what each replaced loop computed (torch and pytest only)"),
@@ -178,8 +186,8 @@ def _output_options() -> list:
     ]
 
 
-def _module_name(context, parameter, value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", value):
+def _module_name(context, parameter, value: str | None) -> str | None:
+    if value is not None and not DOTTED.fullmatch(value):
         raise click.BadParameter(f"{value!r} is not a dotted module name")
     return value
 
@@ -232,7 +240,8 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
     return 1 if changed and verb in ("diff", "check") else 0
 
 
-def _write_in_order(reports: list[FileReport], tests: list[tuple[FileReport, FileReport]], utility_module: str) -> None:
+def _write_in_order(reports: list[FileReport], tests: list[tuple[FileReport, FileReport]],
+                    utility_module: str | None) -> None:
     """Everything a pipeline will import is written before it: the utility (its module before the
     ``__init__.py`` that exports it), then its equivalence tests. A pipeline is written only if they all
     were, so a failed write leaves it as it was, for the next ``apply`` to do again."""
@@ -270,14 +279,14 @@ def _write_in_order(reports: list[FileReport], tests: list[tuple[FileReport, Fil
             write(report)
 
 
-def _missing_utility(reports: list[FileReport], utility_module: str) -> list[str]:
+def _missing_utility(reports: list[FileReport], utility_module: str | None) -> list[str]:
     """A file migrated before whose utility the repository lacks (a run that could not write it, a deletion)."""
     notes = []
     for report in reports:
         if report.rewrote and report.status in ("unchanged", "skipped"):
-            missing = utility_target(Path(report.path).resolve().parent, utility_module).writes
-            if missing:
-                notes.append(f"{report.path} imports the loss utility from {utility_module}, which the repository "
+            target = utility_target(Path(report.path).resolve().parent, utility_module)
+            if missing := target.writes:
+                notes.append(f"{report.path} imports the loss utility from {target.module}, which the repository "
                              f"lacks ({', '.join(_relative(path) for path in missing)})")
     return notes
 
@@ -327,7 +336,7 @@ class _Interruptible(click.Group):
 @click.group(cls=_Interruptible, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mtp-migrate")
 def main() -> None:
-    """Migrate multi-token-prediction loss loops to weighted_mtp.utils.compute_mtp_ce_loss."""
+    """Migrate multi-token-prediction loss loops to compute_mtp_ce_loss, vendored into the repository."""
 
 
 @main.command()
@@ -358,8 +367,9 @@ def check(**options):
 @click.option("--exclude", multiple=True, help="glob of files or folders to leave out (repeatable)")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="worker processes (at most one per file)")
-@click.option("--utility-module", default=DEFAULT_UTILITY_MODULE, show_default=True, callback=_module_name,
-              help="import path of compute_mtp_ce_loss in the migrated code (its file is loaded by path)")
+@click.option("--utility-module", callback=_module_name,
+              help="import path of compute_mtp_ce_loss in the migrated code, its file loaded by path [default: "
+                   "the module apply chooses]")
 @_apply_all(_output_options())
 @click.option("--quiet", "-q", is_flag=True, help="print only sites that are not equivalent, and errors")
 def verify(paths, base, include, exclude, jobs, utility_module, output_format, as_json, color, quiet):
@@ -410,7 +420,7 @@ def _verdict(site: dict) -> str:
     return "NOT equivalent" if judged else "could not be judged"
 
 
-def _verify_one(job: tuple[Path, Path, str], revision: str, utility_module: str) -> FileReport:
+def _verify_one(job: tuple[Path, Path, str], revision: str, utility_module: str | None) -> FileReport:
     """One changed file against its version at ``revision`` (runs in a worker; never raises)."""
     from mtp_migrate.since import verify_file
 

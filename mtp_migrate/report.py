@@ -31,6 +31,7 @@ class FileReport:
         return {"path": self.path, "status": self.status, "error": self.error, "sites": self.sites}
 
 
+_PENDING = {"rewritten": "rewrite to the utility", "del_inserted": "del of the loop's temporaries"}
 _STYLES = (("---", "\x1b[1m"), ("+++", "\x1b[1m"), ("@@", "\x1b[36m"), ("+", "\x1b[32m"), ("-", "\x1b[31m"))
 
 
@@ -100,10 +101,18 @@ def print_summary(console: Console, reports: list[FileReport], summary: dict, ve
             if report.status == "skipped" and report.error:  # a file left alone as a whole (a symlink)
                 console.print(f"skipped {report.path}: {report.error}", markup=False, highlight=False,
                               style="yellow", soft_wrap=True)
+            elif pending and report.status == "changed" and not report.sites:  # the utility, a test module
+                console.print(f"pending {report.path}: written with the migration", markup=False, highlight=False,
+                              soft_wrap=True)
             for site in report.sites:
                 if site["action"] == "skipped":
-                    console.print(f"skipped {report.path}:{site['line']}: {site['reason']}", markup=False,
-                                  highlight=False, style="yellow", soft_wrap=True)
+                    console.print(f"skipped {report.path}:{site['line']}: {site['reason']} "
+                                  f"(mtp-migrate explain {site['code']})", markup=False, highlight=False,
+                                  style="yellow", soft_wrap=True)
+                elif pending and report.status == "changed":
+                    verified = "verified" if site["verified"] else "not verified"
+                    console.print(f"pending {report.path}:{site['line']}: {_PENDING[site['action']]} ({verified})",
+                                  markup=False, highlight=False, soft_wrap=True)
     for report in reports:
         if report.status == "error":
             console.print(f"error: {report.path}: {report.error}", markup=False, highlight=False, style="red",

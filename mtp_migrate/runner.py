@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import hashlib
+import re
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from mtp_migrate import project
 from mtp_migrate.cache import Cache, digest
 from mtp_migrate.commands.rewrite_mtp_loop import RewriteMTPLoopCommand, Verifier
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE
+from mtp_migrate.import_order import FirstParty
 from mtp_migrate.mtp_loop.spec import Action, SiteReport
 from mtp_migrate.refusals import Refusal
 from mtp_migrate.source import MigrationError, check_bytes, parse_source
@@ -29,6 +31,7 @@ PREFILTER = (b"cross_entropy", b"nll_loss")
 MAX_BYTES = 1 << 20  # a pipeline is 5 to 50 KiB; past this even Python's parser takes seconds (docs/cli.md)
 STACK_BYTES = 512 << 20  # address space only: pages are used as the recursion reaches them
 RECURSION_LIMIT = 100_000
+_TOP_LEVEL_IMPORT = re.compile(rb"^(?:from|import)[ \t]+([A-Za-z_][\w.]*)", re.M)
 
 
 @dataclass
@@ -37,7 +40,7 @@ class FileResult:
     output: bytes
     sites: list[SiteReport] = field(default_factory=list)
     guards: list[GuardedSite] = field(default_factory=list)  # with emit_tests: the rewritten sites' evidence
-    import_root: Path | None = None  # where the file imports the utility from (None: installed)
+    import_root: Path | None = None  # with emit_tests: where the file imports the utility from
 
     @property
     def changed(self) -> bool:
@@ -51,12 +54,13 @@ def default_verifier(cache: Cache | None = None) -> Verifier:
 
 def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = DEFAULT_RHO1,
                    utility_module: str = DEFAULT_UTILITY_MODULE, verifier: Verifier | None = None,
-                   utility_problem: Refusal | None = None, line_length: int = DEFAULT_LINE_LENGTH) -> FileResult:
+                   utility_problem: Refusal | None = None, line_length: int = DEFAULT_LINE_LENGTH,
+                   first_party: FirstParty | None = None) -> FileResult:
     """Apply ``RewriteMTPLoopCommand`` (and the commands it runs) to ``source``."""
     bom, module = parse_source(source)
     context = CodemodContext(filename=filename)
     command = RewriteMTPLoopCommand(context, rho1=rho1, utility_module=utility_module, verifier=verifier,
-                                    utility_problem=utility_problem, line_length=line_length)
+                                    utility_problem=utility_problem, line_length=line_length, first_party=first_party)
     output = command.transform_module(module)
     sites = sorted(context.scratch.get(RewriteMTPLoopCommand.REPORT_KEY, []), key=lambda site: site.line)
     if output is module:
@@ -68,10 +72,11 @@ def migrate_source(source: bytes, filename: str = "<string>", *, rho1: str = DEF
     return FileResult(source, written, sites)
 
 
-def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str = DEFAULT_UTILITY_MODULE,
+def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str | None = None,
                  verify: bool = True, cache: bool = True, emit_tests: bool = False) -> FileResult:
     """Read, check and migrate one file (nothing is written here); an unchanged file is a cache hit.
 
+    ``utility_module`` ``None`` is the configured or chosen one (``vendoring.py``).
     ``emit_tests`` keeps what the equivalence tests of its rewritten sites need (``verify/emit.py``).
     """
     try:
@@ -115,20 +120,22 @@ def _with_deep_stack(work):
     return outcome["value"]
 
 
-def _migrate(path: Path, data: bytes, rho1: str, utility_module: str, verify: bool, cache: bool,
+def _migrate(path: Path, data: bytes, rho1: str, utility_module: str | None, verify: bool, cache: bool,
              emit_tests: bool) -> FileResult:
     target = utility_target(path.resolve().parent, utility_module)
     width = project.line_length(path.parent)
     store = Cache.of(path) if cache else None
-    key = digest("file", path.name, hashlib.sha256(data).hexdigest(), rho1, utility_module, verify, width,
-                 str(target.problem) if target.problem else None)
+    first_party = project.first_party(path.parent, target.writes)
+    key = digest("file", path.name, hashlib.sha256(data).hexdigest(), rho1, target.module, verify, width,
+                 str(target.problem) if target.problem else None,
+                 _first_party_imports(data, target.module, first_party))
     # The tests need the programs, not only the verdicts: a file hit has none (site verdicts still hit).
     if store is not None and not emit_tests and (hit := _intact(store.get("files", key), data)) is not None:
         return hit
     verifier = default_verifier(store) if verify else None
     recorder = Recorder(verifier) if verifier is not None and emit_tests else None
-    result = migrate_source(data, str(path), rho1=rho1, utility_module=utility_module,
-                            verifier=recorder or verifier, utility_problem=target.problem, line_length=width)
+    result = migrate_source(data, str(path), rho1=rho1, utility_module=target.module, verifier=recorder or verifier,
+                            utility_problem=target.problem, line_length=width, first_party=first_party)
     if recorder is not None:
         result.guards, result.import_root = recorder.sites(result.sites), target.root
     if store is not None:
@@ -154,6 +161,13 @@ def _intact(entry: dict | None, data: bytes) -> FileResult | None:
         except (SyntaxError, ValueError, MemoryError, RecursionError):
             return None
     return FileResult(data, output, [SiteReport.from_dict(site) for site in entry["sites"]])
+
+
+def _first_party_imports(data: bytes, utility_module: str, first_party: FirstParty) -> list[str]:
+    """The modules of the file's top-level imports (and the utility's) that are first-party: where the
+    utility import goes depends on them, and they depend on the tree, not on the file."""
+    modules = {match.decode() for match in _TOP_LEVEL_IMPORT.findall(data)} | {utility_module}
+    return sorted(module for module in modules if first_party(module))
 
 
 def rewrote(result: FileResult) -> bool:

@@ -18,14 +18,14 @@ from pathlib import Path
 import libcst as cst
 import libcst.matchers as m
 
-from mtp_migrate.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
+from mtp_migrate.config import UTILITY_NAMES
 from mtp_migrate.cst_utils import code
 from mtp_migrate.flow.dataflow import FlowIndex, Level, Point, blocks_of, locate
 from mtp_migrate.mtp_loop.find import find_sites
 from mtp_migrate.refusals import Code, Refusal
 from mtp_migrate.runner import PREFILTER
 from mtp_migrate.source import MigrationError, check_bytes, parse_source
-from mtp_migrate.vendoring import SHIPPED_UTILITY
+from mtp_migrate.vendoring import SHIPPED_UTILITY, utility_target
 from mtp_migrate.verify.program import build
 
 
@@ -125,12 +125,14 @@ def _function_names(source: bytes) -> set[str]:
     return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
 
 
-def utility_files(root: Path, module: str = DEFAULT_UTILITY_MODULE) -> dict[str, str]:
-    """``{module name: file}`` for the utility the new code's imports of ``module`` load: the target's own
-    file (for a package, its ``loss_utils.py`` or the file its ``__init__`` imports the utility from),
-    loaded by path, never through the package; ours where the target has none of its own."""
-    parts = module.split(".")
-    for base in (root, root / "src"):
+def utility_files(path: Path, root: Path, module: str | None = None) -> dict[str, str]:
+    """``{module name: file}`` for the utility the new code of ``path`` imports (``module``, else the one
+    ``vendoring.py`` chooses): the target's own file (for a package, its ``loss_utils.py`` or the file its
+    ``__init__`` imports the utility from), loaded by path, never through the package; ours where the
+    target has none of its own."""
+    target = utility_target(path.resolve().parent, module)
+    module, parts = target.module, target.module.split(".")
+    for base in dict.fromkeys(base for base in (target.root, root, root / "src") if base is not None):
         package, single = base.joinpath(*parts), base.joinpath(*parts[:-1], f"{parts[-1]}.py")
         if single.is_file():
             return {module: str(single)}
@@ -235,7 +237,7 @@ def _region(old_block, new_block, start: int, stop: int) -> tuple[int, int, int,
 
 
 def verify_file(path: Path, root: Path, old_path: str, revision: str,
-                utility_module: str = DEFAULT_UTILITY_MODULE) -> list[dict]:
+                utility_module: str | None = None) -> list[dict]:
     """One report per site of the old version that the current file changed (all of them, unjudged,
     if the file is gone)."""
     from mtp_migrate.verify.worker import verify
@@ -260,7 +262,7 @@ def verify_file(path: Path, root: Path, old_path: str, revision: str,
     if done.stdout == current:
         return []
     old_index, new_index = FlowIndex(), FlowIndex()
-    utility = utility_files(root, utility_module)
+    utility = utility_files(path, root, utility_module)
     reports = []
     for site in find_sites(old_module):
         try:

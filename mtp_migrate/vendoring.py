@@ -1,13 +1,20 @@
 """Where the utility the rewrite imports lives in the target tree, and whether it is ours.
 
-The rewrite imports ``compute_mtp_ce_loss`` from ``--utility-module`` (default
-``weighted_mtp.utils``). Looking up from the migrated file, that module is either:
+Migrated code never depends on mtp-migrate: the utility is always written into the target
+repository, and the rewrite imports it from there. The module is ``--utility-module``,
+else ``[tool.mtp-migrate] utility-module`` in the target's ``pyproject.toml``, else
+chosen for each pipeline's folder (``docs/cli.md``, "Where the utility goes"):
 
-- a package in the tree (``weighted_mtp/utils/``): our ``loss_utils.py`` is written into it
-  (or is there already, byte-identical) and its ``__init__.py`` exports the functions;
-- a module file in the tree: it must be byte-identical to ours;
-- absent, with its parent package in the tree: we write it;
-- absent altogether: only the default resolves, to the ``weighted_mtp`` installed with us.
+- the nearest ``weighted_mtp/utils/`` package, looking up from the pipeline to the project
+  root (and in its ``src/``): our ``loss_utils.py`` is written into it (or is there already,
+  byte-identical) and its ``__init__.py`` exports the functions;
+- else ``mtp_loss_utils.py`` beside the pipeline: imported as ``mtp_loss_utils`` from a
+  folder of scripts (``python pipelines/run_x.py`` puts the folder on ``sys.path``), by its
+  dotted path (``pkg.pipelines.mtp_loss_utils``) where the folder is a package (``python -m``).
+
+A module named explicitly is, looking up from the migrated file, a package in the tree
+(as above), a module file (it must be byte-identical to ours), or absent with its parent
+package in the tree (we write it); anything else is refused (MTP302).
 
 Never over code we do not own: a different ``loss_utils.py``, a module that is not ours,
 or an ``__init__.py`` that binds the names to something else leaves every file alone and
@@ -19,6 +26,7 @@ new module is the way out. Never through a symlink either: a symlinked package f
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -27,15 +35,13 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import CodemodContext
 
+from mtp_migrate import project
 from mtp_migrate.commands.export_utility import ExportUtilityCommand
-from mtp_migrate.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
+from mtp_migrate.config import DEFAULT_UTILITY_MODULE, SHIPPED_UTILITY, UTILITY_NAMES, VENDORED_MODULE
 from mtp_migrate.cst_utils import code
-from mtp_migrate.project import folders_up_to_root
 from mtp_migrate.refusals import Code, Refusal
 
-# Located beside this package, not imported: importing it would import torch (which the CLI
-# does not need), and `import weighted_mtp` could find the target repository's own package.
-SHIPPED_UTILITY = Path(__file__).resolve().parents[1] / "weighted_mtp" / "utils" / "loss_utils.py"
+DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ class UtilityTarget:
     module: str
     writes: dict = field(default_factory=dict)  # Path -> (old bytes, new bytes)
     problem: Refusal | None = None
-    root: Path | None = None  # the folder the module is imported from (None: the installed weighted_mtp)
+    root: Path | None = None  # the folder the module is imported from
+    file: Path | None = None  # the file that holds (or will hold) the utility's code
 
 
 def _shipped() -> bytes:
@@ -68,10 +75,17 @@ def _candidates(directory: Path, parts: list[str]):
 
 
 @lru_cache(maxsize=256)
-def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> UtilityTarget:
-    """Resolve ``module`` for files in ``directory`` (looking up to the repository root)."""
+def utility_target(directory: Path, module: str | None = None) -> UtilityTarget:
+    """The utility module for files in ``directory``: ``module`` if given, else the configured or chosen one."""
+    directory = directory.resolve()
+    module = module or project.utility_module(directory)
+    if module is None:
+        return _chosen(directory)
+    if not DOTTED.fullmatch(module):
+        return UtilityTarget(module, problem=Refusal(
+            Code.UTILITY_UNAVAILABLE, f"utility-module {module!r} in pyproject.toml is not a dotted module name"))
     parts = module.split(".")
-    for folder in folders_up_to_root(directory):
+    for folder in project.folders_up_to_root(directory):
         for found, root in _candidates(folder, parts):
             files = (found / "__init__.py", found / "loss_utils.py") if found.is_dir() else (found,)
             if link := _symlink_below(folder, files):
@@ -80,15 +94,13 @@ def utility_target(directory: Path, module: str = DEFAULT_UTILITY_MODULE) -> Uti
             return replace(target, root=root)
         for root in (folder, folder / "src"):
             parent = root.joinpath(*parts[:-1])
-            if len(parts) > 1 and (parent / "__init__.py").is_file() and module != DEFAULT_UTILITY_MODULE:
+            if len(parts) > 1 and (parent / "__init__.py").is_file():
                 path = parent / f"{parts[-1]}.py"
                 if link := _symlink_below(folder, (parent / "__init__.py", path)):
                     return UtilityTarget(module, problem=_through_symlink(link), root=root)
-                return UtilityTarget(module, {path: (b"", _shipped())}, root=root)
-    if module == DEFAULT_UTILITY_MODULE:
-        return UtilityTarget(module)  # the weighted_mtp installed with mtp-migrate
+                return UtilityTarget(module, {path: (b"", _shipped())}, root=root, file=path)
     return UtilityTarget(module, problem=Refusal(
-        Code.UTILITY_UNAVAILABLE, f"--utility-module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
+        Code.UTILITY_UNAVAILABLE, f"utility module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
                                   f"above {directory} to write it into"))
 
 
@@ -121,24 +133,50 @@ def imports_utility(source: bytes, module: str) -> bool:
                and any(alias.name in UTILITY_NAMES for alias in node.names) for node in ast.walk(tree))
 
 
+def _chosen(directory: Path) -> UtilityTarget:
+    """The nearest ``weighted_mtp/utils/`` package, else ``mtp_loss_utils.py`` beside the pipeline."""
+    parts = DEFAULT_UTILITY_MODULE.split(".")
+    for folder in project.folders_up_to_root(directory):
+        for found, root in _candidates(folder, parts):
+            if found.is_dir():
+                if link := _symlink_below(folder, (found / "__init__.py", found / "loss_utils.py")):
+                    return UtilityTarget(DEFAULT_UTILITY_MODULE, problem=_through_symlink(link), root=root)
+                return replace(_into_package(DEFAULT_UTILITY_MODULE, found), root=root)
+    root, packages = directory, []
+    while (root / "__init__.py").is_file():  # a package's modules are imported by their dotted path
+        packages.insert(0, root.name)
+        root = root.parent
+    module = ".".join([*packages, VENDORED_MODULE])
+    path = directory / f"{VENDORED_MODULE}.py"
+    if (directory / VENDORED_MODULE).exists():  # a package of that name would be what the import finds
+        return UtilityTarget(module, problem=Refusal(
+            Code.FOREIGN_UTILITY, f"{directory / VENDORED_MODULE} is not mtp-migrate's loss utility; pass "
+                                  "--utility-module with a new module to migrate anyway"))
+    if path.is_symlink():
+        return UtilityTarget(module, problem=_through_symlink(path), root=root)
+    if path.exists():
+        return replace(_module_file(module, path), root=root)
+    return UtilityTarget(module, {path: (b"", _shipped())}, root=root, file=path)
+
+
 def _module_file(module: str, path: Path) -> UtilityTarget:
     if _is_ours(path) or path.read_bytes() == _shipped():
-        return UtilityTarget(module)
+        return UtilityTarget(module, file=path)
     return UtilityTarget(module, problem=Refusal(
         Code.FOREIGN_UTILITY, f"{path} is not mtp-migrate's loss utility (it differs); pass --utility-module "
-                              "with a new module to migrate anyway"))
+                              "with a new module to migrate anyway"), file=path)
 
 
 def _into_package(module: str, package: Path) -> UtilityTarget:
-    if _is_ours(package / "loss_utils.py"):
-        return UtilityTarget(module)
-    writes = {}
     utility = package / "loss_utils.py"
+    if _is_ours(utility):
+        return UtilityTarget(module, file=utility)
+    writes = {}
     if utility.exists():
         if utility.read_bytes() != _shipped():
             return UtilityTarget(module, problem=Refusal(
                 Code.FOREIGN_UTILITY, f"{utility} exists and is not mtp-migrate's (it differs); pass "
-                                      "--utility-module with a new module to migrate anyway"))
+                                      "--utility-module with a new module to migrate anyway"), file=utility)
     else:
         writes[utility] = (b"", _shipped())
     init = package / "__init__.py"
@@ -152,10 +190,12 @@ def _into_package(module: str, package: Path) -> UtilityTarget:
         return UtilityTarget(module, problem=Refusal(
             Code.FOREIGN_UTILITY, f"{init} binds `{foreign}` to something other than mtp-migrate's loss_utils; pass "
                                   "--utility-module with a new module to migrate anyway"))
-    new = ExportUtilityCommand(CodemodContext(filename=str(init)), module).transform_module(tree).bytes
+    command = ExportUtilityCommand(CodemodContext(filename=str(init)), module, project.line_length(package),
+                                   project.first_party(package, [utility]))
+    new = command.transform_module(tree).bytes
     if new != old:
         writes[init] = (old, new)
-    return UtilityTarget(module, writes)
+    return UtilityTarget(module, writes, file=utility)
 
 
 def _foreign_bindings(tree: cst.Module, module: str) -> str | None:

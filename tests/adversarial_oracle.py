@@ -255,11 +255,16 @@ def compare(original, migrated, case: Case) -> str | None:
 
 
 def load(path: Path, name: str):
+    """``path`` as ``python path`` imports it: its own folder, where the utility is vendored, first."""
     if str(SUPPORT) not in sys.path:
         sys.path.insert(0, str(SUPPORT))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 

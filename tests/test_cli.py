@@ -6,12 +6,15 @@ import shutil
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 from cli_runner import invoke
+from click.testing import CliRunner
 
 from mtp_migrate import source
+from mtp_migrate.cli import main
 from mtp_migrate.refusals import Code, Refusal
 
 ROOT = Path(__file__).parents[1]
@@ -22,8 +25,9 @@ FIXTURES = ROOT / "fixtures" / "codemod"
 
 @pytest.fixture
 def repo(tmp_path):
-    """A copy of the before/ pipelines plus ordinary files, a venv and an ignored file."""
+    """A copy of the before/ pipelines (and their settings) plus ordinary files, a venv and an ignored file."""
     shutil.copytree(BEFORE, tmp_path / "pipelines")
+    shutil.copy(BEFORE.parent / "pyproject.toml", tmp_path)
     (tmp_path / "run_plain.py").write_text("print('no loop here')\n")
     (tmp_path / ".venv" / "lib").mkdir(parents=True)
     (tmp_path / ".venv" / "pyvenv.cfg").write_text("home = /usr\n")
@@ -43,7 +47,8 @@ def test_diff_writes_nothing_and_exits_1(repo):
     before = snapshot(repo)
     result = invoke("diff", ".", cwd=repo)
     assert result.exit_code == 1, result.output
-    assert "+from weighted_mtp.utils import compute_mtp_ce_loss" in result.output
+    assert "+from mtp_loss_utils import compute_mtp_ce_loss" in result.output
+    assert "+++ b/pipelines/mtp_loss_utils.py" in result.output  # no weighted_mtp package: vendored beside them
     assert "run_ignored" not in result.output and "run_inside_venv" not in result.output
     assert snapshot(repo) == before
 
@@ -54,7 +59,7 @@ def test_check_exits_1_then_apply_then_0_and_apply_is_idempotent(repo):
     os.chmod(repo / "pipelines" / "run_rho1.py", mode)
     result = invoke("apply", ".", cwd=repo)
     assert result.exit_code == 0, result.output
-    for name in ("run_verifiable.py", "run_baseline.py", "run_rho1.py"):
+    for name in ("run_verifiable.py", "run_baseline.py", "run_rho1.py", "mtp_loss_utils.py"):
         assert (repo / "pipelines" / name).read_bytes() == (AFTER / name).read_bytes()
     assert stat.S_IMODE((repo / "pipelines" / "run_rho1.py").stat().st_mode) == mode
     after_first = snapshot(repo)
@@ -68,7 +73,8 @@ def test_crlf_and_bom_survive_apply(tmp_path):
     target = tmp_path / "run_crlf.py"
     shutil.copy(FIXTURES / "crlf_bom.in.py", target)
     assert invoke("apply", str(target), cwd=tmp_path).exit_code == 0
-    assert target.read_bytes() == (FIXTURES / "crlf_bom.out.py").read_bytes()
+    expected = (FIXTURES / "crlf_bom.out.py").read_bytes()  # its utility import, vendored here
+    assert target.read_bytes() == expected.replace(b"from weighted_mtp.utils import", b"from mtp_loss_utils import")
 
 
 BAD_INPUTS = {
@@ -218,10 +224,12 @@ def test_apply_reports_verified_sites_and_no_verify_skips_verification(tmp_path)
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_baseline.py")
     shutil.copy(BEFORE / "run_baseline.py", tmp_path / "run_other.py")
     verified = json.loads(invoke("apply", "run_baseline.py", "--json", cwd=tmp_path).output)
-    assert [s["verified"] for s in verified["files"][0]["sites"]] == [True, True]
+    files = {f["path"]: f for f in verified["files"]}
+    assert [s["verified"] for s in files["run_baseline.py"]["sites"]] == [True, True]
     assert verified["summary"]["sites_verified"] == 2
     unverified = json.loads(invoke("apply", "run_other.py", "--json", "--no-verify", cwd=tmp_path).output)
-    assert [(s["action"], s["verified"]) for s in unverified["files"][0]["sites"]] == [("rewritten", False)] * 2
+    (other,) = [f for f in unverified["files"] if f["path"] == "run_other.py"]
+    assert [(s["action"], s["verified"]) for s in other["sites"]] == [("rewritten", False)] * 2
 
 
 def test_the_cache_serves_a_second_run_and_no_cache_bypasses_it(tmp_path, monkeypatch):
@@ -240,3 +248,39 @@ def test_the_cache_serves_a_second_run_and_no_cache_bypasses_it(tmp_path, monkey
     assert second.output == first.output
     bypassed = invoke("check", ".", "--json", "--jobs", "1", "--no-cache", cwd=tmp_path)
     assert "migrated again" in json.loads(bypassed.output)["files"][0]["error"]
+
+
+def test_check_names_each_pending_and_refused_site_with_its_line_and_code(tmp_path):
+    """What a failing pre-commit run shows: every site of the JSON report, one line each, refusals with a hint."""
+    for name in ("run_baseline.py", "run_rho1.py"):
+        shutil.copy(BEFORE / name, tmp_path / name)
+    files = json.loads(invoke("check", ".", "--json", cwd=tmp_path).output)["files"]
+    result = invoke("check", ".", cwd=tmp_path)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    sites = [(f["path"], s) for f in files for s in f["sites"]]
+    assert {s["action"] for _, s in sites} == {"rewritten", "del_inserted", "skipped"}
+    for path, site in sites:
+        if site["action"] == "skipped":
+            expected = f"skipped {path}:{site['line']}: {site['reason']} (mtp-migrate explain {site['code']})"
+        else:
+            expected = f"pending {path}:{site['line']}: "
+        assert any(line.startswith(expected) for line in lines), (expected, result.output)
+    assert "pending mtp_loss_utils.py: written with the migration" in lines
+
+
+def test_version_is_the_projects():
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.strip().endswith(f"version {version}")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["explain", "MTP203"], ["check", "."]], ids=" ".join)
+def test_start_up_imports_no_torch(tmp_path, args):
+    """Nothing to verify, nothing to import torch for (it takes seconds): --help, explain, a check without sites."""
+    (tmp_path / "run_plain.py").write_text("import torch.nn.functional as F\n\n\ndef f(x, y):\n    return F.cross_entropy(x, y)\n")
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mtp_migrate", *args], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "mtp_migrate.cli" in imported and "torch" not in imported

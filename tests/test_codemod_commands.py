@@ -93,6 +93,41 @@ class TestAddUtilityImport(CodemodTest):
         after = "from my.losses import compute_mtp_ce_loss\n\nx = 1\n"
         self.assertCodemod(before, after, names=["compute_mtp_ce_loss"], utility_module="my.losses")
 
+    # ruff's isort sections: stdlib, third-party, first-party (here: these), relative.
+    FIRST_PARTY = staticmethod(lambda module: module.split(".")[0] in ("weighted_mtp", "trainer", "zeta"))
+
+    def test_a_first_party_import_joins_its_section_sorted(self):
+        before = '"""Doc."""\n\nimport os\n\nimport torch\n\nfrom trainer.data import load\nfrom zeta import z\n'
+        after = ('"""Doc."""\n\nimport os\n\nimport torch\n\nfrom trainer.data import load\n'
+                 "from weighted_mtp.utils import compute_mtp_ce_loss\nfrom zeta import z\n")
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"], first_party=self.FIRST_PARTY)
+
+    def test_a_missing_section_is_opened_between_its_neighbours(self):
+        before = "import os\n\nfrom trainer.data import load\n\nx = 1\n"
+        after = "import os\n\nfrom mtp_loss_utils import compute_mtp_ce_loss\n\nfrom trainer.data import load\n\nx = 1\n"
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"], utility_module="mtp_loss_utils",
+                           first_party=self.FIRST_PARTY)
+
+    def test_the_first_import_gets_the_blank_lines_ruff_wants(self):
+        before = '"""Doc."""\n\n\ndef f():\n    pass\n'
+        after = '"""Doc."""\n\nfrom weighted_mtp.utils import compute_mtp_ce_loss\n\n\ndef f():\n    pass\n'
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"])
+
+    def test_a_long_import_is_wrapped_at_the_line_length(self):
+        before = "import torch\n"
+        after = ("import torch\nfrom weighted_mtp.utils import (\n    compute_mtp_ce_loss,\n"
+                 "    compute_mtp_ce_loss_unweighted,\n)\n")
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"],
+                           line_length=60)
+        self.assertCodemod(before, "import torch\nfrom weighted_mtp.utils import compute_mtp_ce_loss, "
+                                   "compute_mtp_ce_loss_unweighted\n",
+                           names=["compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"], line_length=88)
+
+    def test_an_import_that_grows_too_long_is_wrapped(self):
+        before = "from weighted_mtp.utils import perplexity  # noqa: F401\n"
+        after = ("from weighted_mtp.utils import (  # noqa: F401\n    compute_mtp_ce_loss,\n    perplexity,\n)\n")
+        self.assertCodemod(before, after, names=["compute_mtp_ce_loss"], line_length=60)
+
 
 class TestInsertDel(CodemodTest):
     TRANSFORM = InsertMTPDelCommand
@@ -116,12 +151,19 @@ class TestExportUtility(CodemodTest):
     def test_adds_import_and_all_entries(self):
         before = '"""Utils."""\n\nfrom .other import helper\n\n__all__ = ["helper"]\n'
         after = (
-            '"""Utils."""\n\nfrom .other import helper\n'
-            "from .loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted\n\n"
+            '"""Utils."""\n\nfrom .loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted\n'
+            "from .other import helper\n\n"
             '__all__ = ["helper", "compute_mtp_ce_loss", "compute_mtp_ce_loss_unweighted"]\n'
         )
         self.assertCodemod(before, after)
         self.assertCodemod(after, after)
+
+    def test_the_import_and_a_one_line_all_are_wrapped_at_the_line_length(self):
+        before = 'from .other import helper\n\n__all__ = ["helper"]\n'
+        after = ("from .loss_utils import (\n    compute_mtp_ce_loss,\n    compute_mtp_ce_loss_unweighted,\n)\n"
+                 'from .other import helper\n\n__all__ = [\n    "helper",\n    "compute_mtp_ce_loss",\n'
+                 '    "compute_mtp_ce_loss_unweighted",\n]\n')
+        self.assertCodemod(before, after, line_length=60)
 
 
 def test_rho1_modes():
@@ -142,7 +184,9 @@ SHIPPED = (ROOT / "weighted_mtp" / "utils" / "loss_utils.py").read_bytes()
 def _package(tmp_path, init: str = 'from weighted_mtp.utils.misc import helper\n\n__all__ = ["helper"]\n'):
     package = tmp_path / "weighted_mtp" / "utils"
     package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
     (package / "__init__.py").write_text(init)
+    (package / "misc.py").write_text("def helper():\n    pass\n")
     (tmp_path / ".git").mkdir()
     return package
 
@@ -154,7 +198,9 @@ def test_vendoring_writes_identical_utility_and_exports(tmp_path):
     assert set(target.writes) == {package / "loss_utils.py", package / "__init__.py"}
     assert target.writes[package / "loss_utils.py"][1] == SHIPPED
     init = target.writes[package / "__init__.py"][1].decode()
-    assert "from weighted_mtp.utils.loss_utils import compute_mtp_ce_loss, compute_mtp_ce_loss_unweighted" in init
+    # first-party, sorted before .misc, wrapped at 88 (95 characters on one line)
+    assert init.startswith("from weighted_mtp.utils.loss_utils import (\n    compute_mtp_ce_loss,\n"
+                           "    compute_mtp_ce_loss_unweighted,\n)\nfrom weighted_mtp.utils.misc import helper\n")
     assert '"compute_mtp_ce_loss_unweighted"]' in init
     for path, (_, new) in target.writes.items():
         path.write_bytes(new)
@@ -188,6 +234,50 @@ def test_a_utility_module_nowhere_in_the_tree_is_refused(tmp_path):
     (tmp_path / ".git").mkdir()
     target = utility_target(tmp_path, "elsewhere.losses")
     assert target.problem.code is Code.UTILITY_UNAVAILABLE
+
+
+def test_without_a_utility_package_it_goes_beside_a_folder_of_scripts(tmp_path):
+    (tmp_path / ".git").mkdir()
+    scripts = tmp_path / "pipelines"
+    scripts.mkdir()
+    target = utility_target(scripts)
+    assert (target.module, target.root, target.problem) == ("mtp_loss_utils", scripts, None)
+    assert target.writes == {scripts / "mtp_loss_utils.py": (b"", SHIPPED)}
+    (scripts / "mtp_loss_utils.py").write_bytes(SHIPPED)
+    utility_target.cache_clear()
+    assert utility_target(scripts).writes == {} and utility_target(scripts).module == "mtp_loss_utils"
+
+
+def test_in_a_package_it_is_imported_by_its_dotted_path(tmp_path):
+    (tmp_path / ".git").mkdir()
+    folder = tmp_path / "trainer" / "pipelines"
+    folder.mkdir(parents=True)
+    for package in (folder, folder.parent):
+        (package / "__init__.py").write_text("")
+    target = utility_target(folder)
+    assert (target.module, target.root) == ("trainer.pipelines.mtp_loss_utils", tmp_path)
+    assert list(target.writes) == [folder / "mtp_loss_utils.py"]
+
+
+@pytest.mark.parametrize("theirs", ["mtp_loss_utils.py", "mtp_loss_utils/__init__.py"])
+def test_a_module_of_that_name_not_ours_is_never_overwritten(tmp_path, theirs):
+    (tmp_path / ".git").mkdir()
+    (tmp_path / theirs).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / theirs).write_text("def compute_mtp_ce_loss(*a):\n    return 0\n")
+    target = utility_target(tmp_path)
+    assert target.writes == {} and target.problem.code is Code.FOREIGN_UTILITY and "mtp_loss_utils" in str(target.problem)
+
+
+def test_the_projects_configuration_chooses_the_module_and_the_option_wins(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.mtp-migrate]\nutility-module = "trainer.losses"\n')
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "__init__.py").write_text("")
+    (tmp_path / "pipelines").mkdir()
+    assert utility_target(tmp_path / "pipelines").writes == {tmp_path / "trainer" / "losses.py": (b"", SHIPPED)}
+    assert utility_target(tmp_path / "pipelines", "trainer.other").module == "trainer.other"
+    (tmp_path / "pyproject.toml").write_text('[tool.mtp-migrate]\nutility-module = "not a module"\n')
+    utility_target.cache_clear()
+    assert utility_target(tmp_path / "pipelines").problem.code is Code.UTILITY_UNAVAILABLE
 
 
 EXPORT_FIXTURES = ROOT / "fixtures" / "export"

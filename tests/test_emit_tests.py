@@ -201,3 +201,32 @@ def test_emit_tests_needs_verification(tmp_path):
     result = invoke("apply", "--no-verify", "--emit-tests", "tests", ".", cwd=tmp_path)
     assert result.exit_code == 2
     assert "needs verification" in result.output
+
+
+BASELINE = ROOT / "fixtures" / "pipelines" / "before" / "run_baseline.py"
+LAYOUTS = {  # where the pipeline is -> the module the utility is vendored as
+    "pipelines/run_baseline.py": "mtp_loss_utils",  # a folder of scripts: `python pipelines/run_baseline.py`
+    "trainer/pipelines/run_baseline.py": "trainer.pipelines.mtp_loss_utils",  # a package: `python -m ...`
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_in_a_repository_without_a_utility_package_the_tests_check_the_vendored_copy(tmp_path, layout):
+    repository = tmp_path / "repo"
+    pipeline = repository / layout
+    pipeline.parent.mkdir(parents=True)
+    (repository / ".git").mkdir()
+    shutil.copy(BASELINE, pipeline)
+    for package in pipeline.relative_to(repository).parents[:-1]:
+        if package.parts[0] == "trainer":
+            (repository / package / "__init__.py").write_text("")
+    assert invoke("apply", "--emit-tests", "tests", ".", cwd=repository).exit_code == 0
+    vendored = pipeline.with_name("mtp_loss_utils.py")
+    assert f"from {LAYOUTS[layout]} import compute_mtp_ce_loss_unweighted\n" in pipeline.read_text()
+    passed = run_emitted(repository)
+    assert passed.returncode == 0 and " 0 passed" not in passed.stdout, passed.stdout + passed.stderr
+    vendored.write_text(vendored.read_text().replace("if mask_ignored_labels:", "if False:"))
+    failed = run_emitted(repository)
+    tests = re.findall(r"^def (test_\w+)\(", (repository / "tests" / "test_mtp_migration_run_baseline.py").read_text(),
+                       flags=re.M)
+    assert len(tests) == 2 and failing(failed) == set(tests), failed.stdout[-3000:]  # both sites mask ignored labels

@@ -1,31 +1,51 @@
-"""The fixture pipelines: after/ is exactly the tool's output, and it trains identically."""
+"""The fixture pipelines: after/ is exactly the tool's output, and it trains identically.
+
+``fixtures/pipelines`` is a project of its own (its ``pyproject.toml``), a folder of
+scripts without a ``weighted_mtp`` package: the utility is vendored beside them.
+"""
 
 import copy
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from mtp_migrate.runner import migrate_source
+from mtp_migrate.config import SHIPPED_UTILITY, VENDORED_MODULE
+from mtp_migrate.runner import migrate_file
+from mtp_migrate.vendoring import utility_target
 
 PIPELINES = Path(__file__).parents[1] / "fixtures" / "pipelines"
 NAMES = ["run_verifiable", "run_baseline", "run_rho1"]
 
 
 def _load(path: Path):
+    """The pipeline as ``python path`` loads it: its own folder first on ``sys.path``."""
     spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+        sys.modules.pop(VENDORED_MODULE, None)  # before/ has none: it must not find after/'s
     return module
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_after_is_exactly_the_tool_output(name):
-    result = migrate_source((PIPELINES / "before" / f"{name}.py").read_bytes())
+    result = migrate_file(PIPELINES / "before" / f"{name}.py", verify=False, cache=False)
     assert result.output == (PIPELINES / "after" / f"{name}.py").read_bytes()
     assert result.sites and all(site.action.value != "skipped" or site.refusal for site in result.sites)
-    assert migrate_source(result.output).output == result.output
+    assert migrate_file(PIPELINES / "after" / f"{name}.py", verify=False, cache=False).output == result.output
+
+
+def test_the_utility_is_vendored_beside_the_pipelines():
+    vendored = PIPELINES / "before" / f"{VENDORED_MODULE}.py"
+    assert utility_target(PIPELINES / "before").writes == {vendored: (b"", SHIPPED_UTILITY.read_bytes())}
+    assert (PIPELINES / "after" / vendored.name).read_bytes() == SHIPPED_UTILITY.read_bytes()
+    assert utility_target(PIPELINES / "after").writes == {}
 
 
 def _train_and_validate(module, dtype, lr=0.1, fp64_loss=False):

@@ -3,6 +3,7 @@
 import ast
 import inspect
 import re
+import tomllib
 from pathlib import Path
 
 from mtp_migrate.config import OPTION_DEFAULTS
@@ -66,3 +67,10 @@ def test_no_path_outside_the_repository_is_cited():
     for path in [*ROOT.glob("mtp_migrate/**/*.py"), *ROOT.glob("weighted_mtp/**/*.py"), ROOT / "README.md",
                  *ROOT.glob("docs/*.md")]:
         assert "shared/DESIGN" not in path.read_text(), path
+
+
+def test_the_wheel_lists_every_package():
+    """pyproject.toml lists the packages (the package-dir mappings rule out discovery): none may be missing."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(path.parent.relative_to(ROOT).parts) for path in PACKAGE.rglob("__init__.py")}
+    assert set(setuptools["packages"]) == found | set(setuptools["package-dir"])

@@ -1,7 +1,9 @@
 """Export the vendored utility from a package's ``__init__.py``: the import and the ``__all__`` entries.
 
 Existing entries, their comments and their blank lines are left exactly as they are;
-the new names go where the list's own order puts them (sorted lists stay sorted).
+the new names go where the list's own order puts them (sorted lists stay sorted). The
+import goes where ruff's isort rules put it (``import_order.py``), and the import and a
+one-line ``__all__`` are wrapped at the project's line length.
 """
 
 from __future__ import annotations
@@ -12,18 +14,23 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 
-from mtp_migrate.config import DEFAULT_UTILITY_MODULE, UTILITY_NAMES
-from mtp_migrate.cst_utils import dotted
+from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_UTILITY_MODULE, UTILITY_NAMES
+from mtp_migrate.cst_utils import code
+from mtp_migrate.import_order import FirstParty, insert, new_import
 
 
 class ExportUtilityCommand(VisitorBasedCodemodCommand):
     DESCRIPTION = "Import compute_mtp_ce_loss* from loss_utils in a package's __init__.py and list them in __all__."
 
-    def __init__(self, context: CodemodContext, module: str = DEFAULT_UTILITY_MODULE):
+    def __init__(self, context: CodemodContext, module: str = DEFAULT_UTILITY_MODULE,
+                 line_length: int = DEFAULT_LINE_LENGTH, first_party: FirstParty | None = None):
         super().__init__(context)
         self.utility_module = module
+        self.line_length = line_length
+        self.first_party = first_party or (lambda name: name.split(".")[0] == module.split(".")[0])
         self.imported: set[str] = set()
         self.relative = False
+        self.grown: cst.Assign | None = None  # the __all__ the names were added to
 
     def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
         if isinstance(node.names, cst.ImportStar):
@@ -60,37 +67,28 @@ class ExportUtilityCommand(VisitorBasedCodemodCommand):
                 else:
                     new = new.with_changes(comma=cst.MaybeSentinel.DEFAULT)
             elements.insert(position, new)
-        return updated_node.with_changes(value=container.with_changes(elements=elements))
+        self.grown = updated_node.with_changes(value=container.with_changes(elements=elements))
+        return self.grown
+
+    def leave_SimpleStatementLine(self, original_node: cst.SimpleStatementLine,
+                                  updated_node: cst.SimpleStatementLine) -> cst.SimpleStatementLine:
+        """``__all__`` on one line that the new names made too long: one name per line."""
+        if updated_node.body[0] is not self.grown or not isinstance(self.grown.value, cst.List):
+            return updated_node
+        text = code(updated_node.with_changes(leading_lines=()))
+        if "\n" in text.rstrip("\n") or len(text.rstrip("\r\n")) <= self.line_length:
+            return updated_node
+        target = code(updated_node.body[0].targets[0].target)
+        names = "".join(f"    {code(element.value)},\n" for element in updated_node.body[0].value.elements)
+        return cst.parse_statement(f"{target} = [\n{names}]\n").with_changes(
+            leading_lines=updated_node.leading_lines, trailing_whitespace=updated_node.trailing_whitespace)
 
     def leave_Module(self, original_node: cst.Module, updated_node: cst.Module) -> cst.Module:
         missing = [name for name in UTILITY_NAMES if name not in self.imported]
         if not missing:
             return updated_node
         source = ".loss_utils" if self.relative else f"{self.utility_module}.loss_utils"
-        statement = cst.parse_statement(f"from {source} import {', '.join(missing)}\n")
-        body = list(updated_node.body)
-        # After the docstring, __future__ and the other imports; among `from` imports kept sorted, in order.
-        position = 0
-        for index, item in enumerate(body):
-            if m.matches(item, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom() | m.Expr(m.SimpleString())])):
-                position = index + 1
-        siblings = [(index, _from_module(item)) for index, item in enumerate(body[:position])
-                    if _from_module(item) is not None and _from_module(item).startswith(".") == self.relative]
-        modules = [module for _, module in siblings]
-        if len(modules) > 1 and modules == sorted(modules):
-            later = [index for index, module in siblings if module > _from_module(statement)]
-            position = later[0] if later else siblings[-1][0] + 1
-        body.insert(position, statement)
-        return updated_node.with_changes(body=body)
-
-
-def _from_module(statement: cst.CSTNode) -> str | None:
-    """``.s3`` for ``from .s3 import x`` (a ``__future__`` import is not sorted with the rest)."""
-    if not m.matches(statement, m.SimpleStatementLine(body=[m.ImportFrom()])):
-        return None
-    node = statement.body[0]
-    module = "." * len(node.relative) + (dotted(node.module) if node.module is not None else "")
-    return None if module == "__future__" else module
+        return insert(updated_node, new_import(source, missing, {}, self.line_length), self.first_party)
 
 
 def _separator(listed: list[cst.Element], container: cst.List | cst.Tuple) -> cst.Comma:

@@ -20,6 +20,7 @@ from mtp_migrate.commands.add_utility_import import AddUtilityImportCommand
 from mtp_migrate.commands.remove_dead_code import RemoveDeadCodeCommand
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from mtp_migrate.flow.dataflow import FlowIndex
+from mtp_migrate.import_order import FirstParty
 from mtp_migrate.mtp_loop.emit import removed_statements
 from mtp_migrate.mtp_loop.plan import (
     Decision,
@@ -54,9 +55,11 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
 
     def __init__(self, context: CodemodContext, rho1: str = DEFAULT_RHO1,
                  utility_module: str = DEFAULT_UTILITY_MODULE, verifier: Verifier | None = None,
-                 utility_problem: Refusal | None = None, line_length: int = DEFAULT_LINE_LENGTH):
+                 utility_problem: Refusal | None = None, line_length: int = DEFAULT_LINE_LENGTH,
+                 first_party: FirstParty | None = None):
         super().__init__(context)
         self.line_length = line_length
+        self.first_party = first_party
         self.rho1 = rho1
         self.utility_module = utility_module
         self.verifier = verifier
@@ -96,5 +99,6 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
         missing = needed - utility.existing
         if missing:
             aliases = {name: utility.names[name] for name in missing}
-            edited = AddUtilityImportCommand(self.context, missing, self.utility_module, aliases).transform_module(edited)
+            edited = AddUtilityImportCommand(self.context, missing, self.utility_module, aliases, self.line_length,
+                                             self.first_party).transform_module(edited)
         return edited

@@ -119,7 +119,7 @@ def guarded_file(text: str) -> str | None:
     return match.group("path") if match else None
 
 
-def render(module_path: Path, pipeline: Path, sites: list[GuardedSite], import_root: Path | None, revision: str,
+def render(module_path: Path, pipeline: Path, sites: list[GuardedSite], import_root: Path, revision: str,
            existing: str | None = None) -> str:
     """The module's text: ``existing`` with the sections of ``sites`` it lacks (``existing`` if none)."""
     kept = _sections(existing) if existing else []
@@ -156,16 +156,13 @@ def guarded_path(module_path: Path, pipeline: Path) -> str:
     return Path(os.path.relpath(pipeline.resolve(), module_path.parent.resolve())).as_posix()
 
 
-def _header(module_path: Path, pipeline: Path, listed: list[tuple[int, str]], import_root: Path | None,
+def _header(module_path: Path, pipeline: Path, listed: list[tuple[int, str]], import_root: Path,
             revision: str) -> str:
     here = module_path.parent.resolve()
     shown = guarded_path(module_path, pipeline)
     sites = "\n".join(f"- line {line}, in `{function}`" for line, function in sorted(listed))
-    if import_root is None:
-        root = "IMPORT_ROOT = None  # the pipeline imports the utility installed in the environment"
-    else:
-        relative = Path(os.path.relpath(import_root.resolve(), here)).as_posix()
-        root = f'IMPORT_ROOT = (Path(__file__).parent / "{relative}").resolve()  # where the pipeline imports from'
+    relative = Path(os.path.relpath(import_root.resolve(), here)).as_posix()
+    root = f'IMPORT_ROOT = (Path(__file__).parent / "{relative}").resolve()  # where the pipeline imports from'
     imports, body = _harness()
     return f'''"""Equivalence tests for the MTP loss migration of `{pipeline.name}` ({shown}).
 
