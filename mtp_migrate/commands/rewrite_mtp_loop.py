@@ -14,13 +14,15 @@ import argparse
 from collections.abc import Callable
 
 import libcst as cst
+import libcst.matchers as m
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 
 from mtp_migrate.commands.add_utility_import import AddUtilityImportCommand
 from mtp_migrate.commands.remove_dead_code import RemoveDeadCodeCommand
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from mtp_migrate.mtp_loop.dataflow import FlowIndex
-from mtp_migrate.mtp_loop.emit import removed_statements
+from mtp_migrate.mtp_loop.emit import reads_torch, removed_statements
+from mtp_migrate.mtp_loop.names import binds
 from mtp_migrate.mtp_loop.plan import (
     Decision,
     UtilityImport,
@@ -97,4 +99,17 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
         if missing:
             aliases = {name: utility.names[name] for name in missing}
             edited = AddUtilityImportCommand(self.context, missing, self.utility_module, aliases).transform_module(edited)
+        if reads_torch(decisions) and not any("torch" in binds(s) for s in edited.body):
+            edited = _import_torch(edited)
         return edited
+
+
+def _import_torch(module: cst.Module) -> cst.Module:
+    """``import torch`` before the module's first import (after ``__future__``), which gives it its leading
+    lines: a cast to the loop's dtype reads ``torch`` where the module imported only ``F``."""
+    body = list(module.body)
+    first = next(i for i, s in enumerate(body) if m.matches(s, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()]))
+                 and not m.matches(s.body[0], m.ImportFrom(module=m.Name("__future__"))))
+    body[first:first + 1] = [cst.parse_statement("import torch\n").with_changes(leading_lines=body[first].leading_lines),
+                             body[first].with_changes(leading_lines=[])]
+    return module.with_changes(body=body)
