@@ -32,10 +32,10 @@ from mtp_migrate.verify.slots import (
     Replace,
     Returns,
     Slot,
-    contract_paths,
     hint,
     prologue,
     read_kinds,
+    weight_paths,
 )
 
 _SAFE_BUILTINS = {"len", "range", "max", "min", "int", "float", "bool", "abs", "sum", "round", "tuple", "list",
@@ -232,8 +232,8 @@ def build(original: tuple[Point, FlowIndex, cst.Module], rewritten: tuple[Point,
             body=[*binding, *body, cst.parse_statement("return None\n")]))
         sources.append(cst.Module(body=[function]).visit(Returns()).code)
     read_kinds(cst.Module(body=[*readable[0].body, *readable[1].body]), slots)
-    for path in contract_paths(readable[1], new.module_imports, utility or {}):
+    for path in weight_paths(readable[1], new.module_imports, utility or {}):
         for slot in slots.values():
-            slot.contract |= slot.param == path
+            slot.weights |= slot.param == path
     return SiteProgram(original=sources[0], rewritten=sources[1], slots=list(slots.values()),
                        outputs=outputs, line=line, utility=dict(utility or {}))

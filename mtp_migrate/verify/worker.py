@@ -22,7 +22,7 @@ import torch
 
 from mtp_migrate.refusals import Code
 from mtp_migrate.verify import harness
-from mtp_migrate.verify.domain import base_cases, variations
+from mtp_migrate.verify.domain import base_cases, extra_cases, variations
 from mtp_migrate.verify.harness import Case, compare, is_trivial, make_inputs
 from mtp_migrate.verify.program import SiteProgram
 
@@ -117,6 +117,10 @@ class _Judge:
         with _time_limit(CALL_TIMEOUT_S):
             return harness.run(function, arguments, self.program.outputs, truth)
 
+    def rounding(self, arguments: dict) -> float:
+        with _time_limit(CALL_TIMEOUT_S):
+            return harness.rounding(self.original, arguments)
+
     def judge(self, case: Case) -> tuple[str, str | None]:
         """``("skip" | "trivial" | "equal", None)`` or ``("fail", reason)`` with the failure's code in front.
 
@@ -136,15 +140,13 @@ class _Judge:
         except (TypeError, ValueError) as error:
             if is_trivial(old):  # the loop computed nothing: argument checks it never needed do not count
                 return "skip", None
-            if any(slot.contract and case.lengths.get(slot.param) for slot in self.slots):
-                return "skip", None  # a tensor the utility documents as [B, S] given another length
             return "fail", f"{Code.REWRITE_RAISES.code}: the rewrite raises {type(error).__name__}: " \
                            f"{str(error).splitlines()[0] if str(error) else ''} (on {case.describe(self.slots)})"
         except Exception as error:
             return "fail", f"{Code.REWRITE_RAISES.code}: the rewrite raises {type(error).__name__}: " \
                            f"{str(error).splitlines()[0] if str(error) else ''} (on {case.describe(self.slots)})"
-        problem = compare(new, old, lambda: self.run(self.original, arguments, truth=True), case, arguments,
-                          self.slots)
+        problem = compare(new, old, lambda: self.run(self.original, arguments, truth=True),
+                          lambda: self.rounding(arguments), case, arguments, self.slots)
         if problem:
             return "fail", f"{Code.NOT_EQUIVALENT.code}: {problem} (on {case.describe(self.slots)})"
         return ("trivial" if is_trivial(old) else "equal"), None
@@ -182,7 +184,8 @@ def _verify(program: SiteProgram, seed: int) -> Verdict:
         return Verdict(program.line, False, Code.NOT_EXERCISED.code,
                        f"{Code.NOT_EXERCISED.code}: the original raised on every input tried ({detail})")
     counted, compared = 0, []
-    for case in variations(base, program.slots, seed):
+    # The extra shapes only once the grid passed: a site that fails fails there, at the grid's cost.
+    for case in (*variations(base, program.slots, seed), *extra_cases(base, program.slots)):
         outcome, reason = judge.judge(case)
         if outcome == "fail":
             return Verdict(program.line, False, reason.split(":")[0], reason, counted)
