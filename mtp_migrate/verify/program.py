@@ -141,14 +141,17 @@ class _Side:
     def imports(self, names: set[str]) -> list[cst.SimpleStatementLine]:
         """The module's import lines that bind any of ``names``, narrowed to those names
         (``__future__`` and relative ones left out)."""
-        chosen = []
+        chosen, apart = [], False
         for statement in self.module_imports:
             small = statement.body[0]
+            # A blank line where the module had one: its import sections stay apart (emitted tests pass isort).
+            apart |= bool(chosen) and any(line.comment is None for line in statement.leading_lines)
             if isinstance(small, cst.ImportFrom) and (small.relative or (
                     small.module is not None and code(small.module) == "__future__")):
                 continue
             if binds(statement) & names:
-                chosen.append(_narrowed(statement, names))
+                chosen.append(_narrowed(statement, names).with_changes(leading_lines=[cst.EmptyLine()] if apart else []))
+                apart = False
         return chosen
 
 

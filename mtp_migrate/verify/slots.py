@@ -244,7 +244,9 @@ def _observe(node: cst.Name, parents, seen: dict) -> None:
     if isinstance(parent, cst.Attribute) and parent.value is node:
         attribute = parent.attr.value
         grand = parents.get(parent)
-        if attribute in TENSOR_ATTRIBUTES or attribute in TENSOR_METHODS:
+        if attribute == "is_floating_point" and not (isinstance(grand, cst.Call) and grand.func is parent):
+            seen["dtype"] += 1  # a dtype's property, where a tensor's is a method
+        elif attribute in TENSOR_ATTRIBUTES or attribute in TENSOR_METHODS:
             seen["tensor"] += 1
         if attribute == "shape":
             if isinstance(grand, cst.Subscript) and len(grand.slice) == 1 and isinstance(grand.slice[0].slice,
