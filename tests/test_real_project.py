@@ -147,7 +147,9 @@ def train_step(model, batch, path):
 '''
     (tmp_path / "run_unsafe.py").write_text(source)
     done = tool("check", "--json", "--no-cache", "run_unsafe.py", cwd=tmp_path)
-    (report,) = json.loads(done.stdout)["files"]
+    reports = {report["path"]: report for report in json.loads(done.stdout)["files"]}
+    assert set(reports) == {"run_unsafe.py", "mtp_loss_utils.py"}  # the utility it would vendor beside it
+    report = reports["run_unsafe.py"]
     assert [(site["action"], site["verified"]) for site in report["sites"]] == [("rewritten", True)], report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run_unsafe.py"]
     assert not any(Path(os.sep).glob("*_RAN"))
