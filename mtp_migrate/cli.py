@@ -200,6 +200,7 @@ def _run(verb: str, paths, include, exclude, jobs, rho1, no_verify, no_cache, ut
     out, err = consoles(color)
     output_format = "json" if as_json else output_format
     as_json = output_format == "json"
+    utility_target.cache_clear()  # the tree changes between two runs in one process (a vendored file written)
     paths = tuple(paths) or (Path("."),)
     candidates = list(discover(paths, tuple(include), tuple(exclude)))
     stale = [c.path for c in candidates if c.stale]
