@@ -101,6 +101,6 @@ class Promotion:
         target = terms[0]
         for term in terms[1:]:
             target = f"torch.promote_types({target}, {term})"
-        if self.divided:
+        if self.divided and target != "torch.get_default_dtype()":  # that one is floating already
             target = f"{target} if {target}.is_floating_point else torch.get_default_dtype()"
         return f".to({target})"
