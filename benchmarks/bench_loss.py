@@ -440,7 +440,8 @@ def main():
     for row in rows:
         row["same"] = same = {r["variant"]: r for r in rows
                               if (r["mode"], r["dtype"], r["output"]) == (row["mode"], row["dtype"], row["output"])}
-        reference = same.get("loop") or same.get("ours")
+        # the loop, else ours, else (a --variants subset without either) the first variant measured
+        reference = same.get("loop") or same.get("ours") or next(iter(same.values()))
         row["memory_ratio"] = row["peak_L"] / reference["peak_L"]
         row["time_ratio"] = row["seconds"] / reference["seconds"]
         row["max_batch"] = int(BUDGET_GIB * 2**30 / ((1 + row["peak_L"]) * row["logits_bytes"] / args.shape[0]))

@@ -87,11 +87,7 @@ def utility_target(directory: Path, module: str | None = None) -> UtilityTarget:
     parts = module.split(".")
     for folder in project.folders_up_to_root(directory):
         for found, root in _candidates(folder, parts):
-            files = (found / "__init__.py", found / "loss_utils.py") if found.is_dir() else (found,)
-            if link := _symlink_below(folder, files):
-                return UtilityTarget(module, problem=_through_symlink(link), root=root)
-            target = _into_package(module, found) if found.is_dir() else _module_file(module, found)
-            return replace(target, root=root)
+            return _found(module, found, folder, root)
         for root in (folder, folder / "src"):
             parent = root.joinpath(*parts[:-1])
             if len(parts) > 1 and (parent / "__init__.py").is_file():
@@ -102,6 +98,15 @@ def utility_target(directory: Path, module: str | None = None) -> UtilityTarget:
     return UtilityTarget(module, problem=Refusal(
         Code.UTILITY_UNAVAILABLE, f"utility module {module}: no package `{'.'.join(parts[:-1]) or parts[0]}` "
                                   f"above {directory} to write it into"))
+
+
+def _found(module: str, found: Path, folder: Path, root: Path) -> UtilityTarget:
+    """``module`` at ``found`` (a package folder or a module file) below ``folder``, imported from ``root``."""
+    files = (found / "__init__.py", found / "loss_utils.py") if found.is_dir() else (found,)
+    if link := _symlink_below(folder, files):
+        return UtilityTarget(module, problem=_through_symlink(link), root=root)
+    target = _into_package(module, found) if found.is_dir() else _module_file(module, found)
+    return replace(target, root=root)
 
 
 def _symlink_below(folder: Path, files) -> Path | None:
@@ -139,9 +144,7 @@ def _chosen(directory: Path) -> UtilityTarget:
     for folder in project.folders_up_to_root(directory):
         for found, root in _candidates(folder, parts):
             if found.is_dir():
-                if link := _symlink_below(folder, (found / "__init__.py", found / "loss_utils.py")):
-                    return UtilityTarget(DEFAULT_UTILITY_MODULE, problem=_through_symlink(link), root=root)
-                return replace(_into_package(DEFAULT_UTILITY_MODULE, found), root=root)
+                return _found(DEFAULT_UTILITY_MODULE, found, folder, root)
     root, packages = directory, []
     while (root / "__init__.py").is_file():  # a package's modules are imported by their dotted path
         packages.insert(0, root.name)
