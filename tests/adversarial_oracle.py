@@ -231,7 +231,9 @@ class _ExactFormula(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
-            func = torch.Tensor.double
+            # A copy, as the narrowing cast makes one: `.double()` of an fp64 leaf is the leaf itself,
+            # and the loop's in-place edits of it would raise.
+            return args[0].to(torch.float64, copy=True)
         args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in self.LOW else a for a in args)
         if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"] in self.LOW:
             kwargs["dtype"] = torch.float64

@@ -160,7 +160,8 @@ def _mtp_outputs(scope: dict, returned):
 def _widened(func, args: tuple, kwargs: dict):
     """The call with every float-to-float cast and float dtype argument in fp64."""
     if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
-        func = torch.Tensor.double
+        # A copy, as the narrowing cast makes one (`.double()` of an fp64 leaf is the leaf itself).
+        return torch.Tensor.to, (args[0], torch.float64), {**kwargs, "copy": True}
     args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in _FLOAT_DTYPES else a for a in args)
     if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"] in _FLOAT_DTYPES:
         kwargs = {**kwargs, "dtype": torch.float64}
