@@ -21,6 +21,7 @@ Rho1Mode = Literal["del", "rewrite", "skip"]
 WeightAlignment = Literal["target", "previous", "input"]
 Normalize = Literal["mask", "weights"]
 HeadAverage = Literal["all", "valid"]
+Count = Literal["heads_with_tokens", "heads_with_weight"]  # the utility's head counts
 
 RHO1_MODES: tuple[str, ...] = get_args(Rho1Mode)
 DEFAULT_RHO1: Rho1Mode = "del"

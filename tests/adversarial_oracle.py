@@ -1,15 +1,20 @@
 """An oracle for the adversarial suite, independent of the tool's own verifier.
 
 Every public function of a case module is called, before and after migration, on a grid
-of inputs chosen by parameter name (see ``VOCABULARY``). Where the original returns,
-the migrated function must return the same values and the same gradients of every
-floating input that requires grad: 1e-9 in fp64; in bf16/fp32, no worse than the
-original against the original run in fp64.
+of inputs chosen by parameter name (see ``inputs``). Where the original returns, the
+migrated function must return leaves of the same kind (a Python float is not a tensor;
+tensors agree in dtype and shape), NaN and infinities where the original has them, and
+the same values and gradients of every floating input that requires grad: 1e-9 in fp64;
+in bf16/fp32, no worse than the original against the original run in fp64.
 
 The grid deliberately contradicts what pipelines usually assume: B differs from the
 head count, S runs from 1 to past the heads, integer parameters (``n_future``, ...)
 go below, at and above the logits' heads, masks are bool, float, soft, segment ids or
-differentiable, and weights are negative, above 1, integer or per-head.
+differentiable, and weights are negative, above 1, integer or per-head. Some names carry
+the shapes real code has: ``reward_weights`` ``[B, S, 1]`` (a reward head's output),
+``input_weights`` one position short, ``full_labels`` and ``full_attention_mask`` one
+position longer than the logits (``model(input_ids[:, :-1])``), and ``nan_logits`` NaN
+at a position whose every target is an ignored label.
 """
 
 from __future__ import annotations
@@ -110,6 +115,17 @@ def inputs(case: Case, parameters) -> dict:
         "n_future": heads, "heads": heads, "seq_len": s, "vocab_size": v, "ignore_index": -100,
         "model_dtype": torch.float64, "device": torch.device("cpu"),
     }
+    # Shapes real code has, drawn after the rest so that the other inputs keep their values.
+    full_labels = torch.cat([labels, torch.randint(0, v, (b, 1), generator=gen)], dim=1)
+    full_labels[-1, -3:] = -100  # padding
+    nan_logits = 3 * torch.randn(b, s, h, v, generator=gen, dtype=torch.float64)
+    if s >= 3:
+        nan_logits[-1, s - 3] = float("nan")  # heads 1 and 2 read it for the padded targets s-2 and s-1
+    known.update({
+        "reward_weights": _weights(case, gen, (b, s, 1)), "input_weights": _weights(case, gen, (b, s - 1)),
+        "full_labels": full_labels, "full_attention_mask": _mask(case, gen, (b, s + 1)),
+        "nan_logits": nan_logits.requires_grad_(True),
+    })
     config = SimpleNamespace(n_future=heads, vocab_size=v, ignore_index=-100, seq_len=s,
                              model=SimpleNamespace(dtype=torch.float64, n_future=heads))
     known["config"] = known["cfg"] = config
@@ -157,8 +173,16 @@ def _leaves(value) -> list:
     return [value]
 
 
+def _kind(leaf) -> str:
+    """What a returned leaf is beyond its value: a Python type, or a tensor's dtype and shape."""
+    if torch.is_tensor(leaf):
+        return f"{leaf.dtype} tensor of shape {tuple(leaf.shape)}"
+    return type(leaf).__name__
+
+
 def run(function, arguments: dict):
-    """``(values, grads)``: every returned leaf as fp64, and the gradients of the differentiable inputs."""
+    """``(values, grads, kinds)``: every returned leaf as fp64, the gradients of the differentiable inputs, and
+    what each leaf is (its Python type, or its dtype and shape)."""
     result = function(**arguments)
     leaves = _leaves(result)
     values = [torch.as_tensor(leaf, dtype=torch.float64).detach() if isinstance(leaf, int | float) or torch.is_tensor(leaf)
@@ -173,15 +197,30 @@ def run(function, arguments: dict):
         for name, grad in zip(inputs_with_grad, found, strict=True):
             if grad is not None:
                 grads[name] = grad.double()
-    return values, grads
+    return values, grads, [_kind(leaf) for leaf in leaves]
+
+
+def _same(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    return (got == want) | (got.isnan() & want.isnan())
 
 
 def _error(got, want) -> float:
+    """The largest difference; NaN against a number, or one infinity against another value, is infinite."""
     if torch.is_tensor(want) and torch.is_tensor(got):
         if got.shape != want.shape:
             return float("inf")
-        return (got - want).abs().max().item() if got.numel() else 0.0
+        if not got.numel():
+            return 0.0
+        difference = torch.where(_same(got, want), torch.zeros_like(got), (got - want).abs())
+        return difference.nan_to_num(nan=float("inf")).max().item()
     return 0.0 if got == want else float("inf")
+
+
+def _non_finite_differ(got, want) -> bool:
+    """NaN equals only NaN and an infinity only itself, whatever the tolerance."""
+    if not (torch.is_tensor(want) and torch.is_tensor(got)) or got.shape != want.shape:
+        return False
+    return bool((~_same(got, want) & ~(got.isfinite() & want.isfinite())).any())
 
 
 class _ExactFormula(TorchFunctionMode):
@@ -192,7 +231,9 @@ class _ExactFormula(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
-            func = torch.Tensor.double
+            # A copy, as the narrowing cast makes one: `.double()` of an fp64 leaf is the leaf itself,
+            # and the loop's in-place edits of it would raise.
+            return args[0].to(torch.float64, copy=True)
         args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in self.LOW else a for a in args)
         if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"] in self.LOW:
             kwargs["dtype"] = torch.float64
@@ -231,8 +272,14 @@ def compare(original, migrated, case: Case) -> str | None:
         return f"{case.describe()}: the migrated code raises {type(error).__name__}: {error}"
     if len(got[0]) != len(want[0]):
         return f"{case.describe()}: {len(got[0])} outputs instead of {len(want[0])}"
+    for index, (got_kind, want_kind) in enumerate(zip(got[2], want[2], strict=True)):
+        if got_kind != want_kind:
+            return f"{case.describe()}: output {index} is a {got_kind}, not a {want_kind}"
     pairs = [(f"output {i}", g, w) for i, (g, w) in enumerate(zip(got[0], want[0], strict=True))]
     pairs += [(f"d/d{name}", got[1][name], want[1][name]) for name in want[1]]
+    for label, g, w in pairs:
+        if _non_finite_differ(g, w):
+            return f"{case.describe()}: {label} is NaN or infinite where the original's is not the same"
     scales = [1.0 + (w.abs().max().item() if torch.is_tensor(w) and w.numel() else 0.0) for _, _, w in pairs]
     if all(_error(g, w) <= 1e-9 * scale for (_, g, w), scale in zip(pairs, scales, strict=True)):
         return None

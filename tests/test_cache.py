@@ -18,7 +18,7 @@ from mtp_migrate.runner import migrate_file
 
 ROOT = Path(__file__).parents[1]
 BEFORE = ROOT / "fixtures" / "pipelines" / "before"
-REFUSED = ROOT / "fixtures" / "adversarial" / "unsound" / "mask_from_input_ids_literal.py"  # MTP202 by the verifier
+REFUSED = ROOT / "fixtures" / "adversarial" / "unsound" / "seqlen_from_input_ids.py"  # MTP202 by the verifier
 
 
 def _project(tmp_path: Path, *files: Path) -> Path:
@@ -94,7 +94,7 @@ def test_a_planted_verdict_never_turns_a_refusal_into_a_rewrite(tmp_path):
     root = _project(tmp_path, REFUSED)
     first = _apply(root)
     assert [s["code"] for s in first["files"][0]["sites"]] == ["MTP202"]
-    assert (root / "run_mask_from_input_ids_literal.py").read_bytes() == REFUSED.read_bytes()
+    assert (root / "run_seqlen_from_input_ids.py").read_bytes() == REFUSED.read_bytes()
     verdicts = _entries(root, "sites")
     assert verdicts
     for entry in verdicts:
@@ -105,7 +105,7 @@ def test_a_planted_verdict_never_turns_a_refusal_into_a_rewrite(tmp_path):
         entry.unlink()
     second = _apply(root)
     assert [s["code"] for s in second["files"][0]["sites"]] == ["MTP202"]
-    assert (root / "run_mask_from_input_ids_literal.py").read_bytes() == REFUSED.read_bytes()
+    assert (root / "run_seqlen_from_input_ids.py").read_bytes() == REFUSED.read_bytes()
 
 
 def _user_key() -> bytes:

@@ -73,8 +73,10 @@ def test_crlf_and_bom_survive_apply(tmp_path):
     target = tmp_path / "run_crlf.py"
     shutil.copy(FIXTURES / "crlf_bom.in.py", target)
     assert invoke("apply", str(target), cwd=tmp_path).exit_code == 0
-    expected = (FIXTURES / "crlf_bom.out.py").read_bytes()  # its utility import, vendored here
-    assert target.read_bytes() == expected.replace(b"from weighted_mtp.utils import", b"from mtp_loss_utils import")
+    expected = (FIXTURES / "crlf_bom.out.py").read_bytes()  # its utility import, vendored here: first-party,
+    # so a section of its own after `import torch`
+    expected = expected.replace(b"import torch\r\nfrom weighted_mtp.utils import", b"import torch\r\n\r\nfrom mtp_loss_utils import")
+    assert target.read_bytes() == expected
 
 
 BAD_INPUTS = {

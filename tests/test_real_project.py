@@ -112,7 +112,10 @@ def test_verify_judges_a_hand_migration_that_drifted(tmp_path):
     assert verdicts[("run_rho1.py", 52)]["verified"]  # only `del` lines were added there
     for key in drifted:
         reason = verdicts[key]["reason"]
-        assert reason.startswith("MTP201") and "S=3 H=3" in reason and "the loop gives" in reason, reason
+        # The simplest input it fails on, and what differs there: the values, or their kinds (the hand
+        # utility returns a tensor where the loop keeps its Python 0.0, and fp64 where the loop has fp32).
+        assert reason.startswith("MTP201") and "(on B=" in reason, reason
+        assert "the loop gives" in reason or " tensor of shape " in reason, reason
     assert [name for name in markers(folder) if not name.endswith("utils/loss_utils.py.imported")] == []
 
 

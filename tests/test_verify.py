@@ -10,6 +10,7 @@ from pathlib import Path
 
 import libcst as cst
 import pytest
+import torch
 from libcst.codemod import CodemodContext
 
 from mtp_migrate.commands.rewrite_mtp_loop import RewriteMTPLoopCommand
@@ -19,6 +20,7 @@ from mtp_migrate.refusals import Code
 from mtp_migrate.vendoring import SHIPPED_UTILITY
 from mtp_migrate.verify import programs, verify_sites
 from mtp_migrate.verify import worker as verify_worker
+from mtp_migrate.verify.harness import Case, _mtp_outputs, compare, rounding, run
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "codemod"
 
@@ -44,7 +46,7 @@ def fixture(case: str) -> str:
 
 
 CASES = ["verifiable_weighted_and_unweighted", "rho1_selective_rewrite", "weighted_only_tensor_accumulator",
-         "detached_weights_previous", "baseline_unweighted_zero_based", "positive_negative_two_sites"]
+         "detached_weights_previous", "positive_negative_two_sites", "precomputed_loss_mask", "logits_double"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -78,9 +80,10 @@ def loss(logits, labels, attention_mask):
 """
 
 MUTATIONS = {
-    "wrong weight alignment": ("verifiable_weighted_and_unweighted", r"weights=weights,",
-                               'weights=weights, weight_alignment="previous",'),
-    "wrong normalisation": ("verifiable_weighted_and_unweighted", r"weights=weights,", 'weights=weights, normalize="weights",'),
+    "wrong weight alignment": ("verifiable_weighted_and_unweighted", r"weights=weights\[:, :seq_len\],",
+                               'weights=weights[:, :seq_len], weight_alignment="previous",'),
+    "wrong normalisation": ("verifiable_weighted_and_unweighted", r"weights=weights\[:, :seq_len\],",
+                            'weights=weights[:, :seq_len], normalize="weights",'),
     "wrong head averaging": ("rho1_selective_rewrite", r'head_average="valid",', ""),
     "dropped mask_ignored_labels": ("weighted_only_tensor_accumulator", r"mask_ignored_labels=False,", ""),
     "swapped outputs": ("verifiable_weighted_and_unweighted", r'\["weighted_ce_loss"\]', '["unweighted_ce_loss"]'),
@@ -88,8 +91,18 @@ MUTATIONS = {
     "all heads assumed": ("config_heads_noqa_import", r"n_future=N_FUTURE,", ""),
     "mask cast dropped": (BOOL_MASK, r"attention_mask=attention_mask.bool\(\)", "attention_mask=attention_mask"),
     "weights not detached": ("detached_weights_previous", r"weights=weights.detach\(\)", "weights=weights"),
-    "an output left unbound": ("verifiable_weighted_and_unweighted", r'unweighted_ce_loss = ce_losses\["unweighted_ce_loss"\]',
-                               "pass"),
+    "an output left unbound": ("verifiable_weighted_and_unweighted", r"(?s)unweighted_ce_loss = \(.*?\n\)", "pass"),
+    # What the loop binds beyond its values: the cut, its Python zero, its dtype and its precision.
+    "longer labels passed whole": ("verifiable_weighted_and_unweighted", r"labels=labels\[:, :seq_len\]", "labels=labels"),
+    "a float accumulator read as a tensor": ("verifiable_weighted_and_unweighted",
+                                             r' if ce_losses\["heads_with_tokens"\]\s*else 0.0', ""),
+    "the accumulator's dtype dropped": ("weighted_only_tensor_accumulator", r"\.to\(model_dtype\)$", ""),
+    "the weights' dtype dropped": ("verifiable_weighted_and_unweighted", r"\.to\(\s*torch\.promote_types\([^\n]*\)\s*\)",
+                                   ""),
+    "fp32 where the loop computes in fp64": ("logits_double", r"logits=logits\.double\(\)", "logits=logits"),
+    "fp32 cast to fp64 where the loop computes in fp64": ("logits_double",
+                                                          r'(?s)logits=logits\.double\(\)(.*?)\["unweighted_ce_loss"\]',
+                                                          r'logits=logits\1["unweighted_ce_loss"].double()'),
 }
 
 
@@ -101,6 +114,62 @@ def test_seeded_wrong_rewrite_is_detected(mutation):
     assert refusals, results
     assert all(r.code in (Code.NOT_EQUIVALENT, Code.REWRITE_RAISES) for r in refusals), refusals
     assert " (on B=" in str(refusals[0])  # the reason names the input it failed on
+
+
+def test_logits_one_position_shorter_than_the_loops_length_are_refused():
+    """A loop that takes its length from the labels reads logits positions up to S - 2 only, so it runs on
+    logits one position shorter (`model(input_ids[:, :-1])`); the utility requires [B, S] logits and raises.
+    The site is refused with the input that shows it, where the verifier once excused it."""
+    (refusal,) = verdicts(fixture("baseline_unweighted_zero_based")).values()
+    assert refusal.code is Code.REWRITE_RAISES and "logits length S-1" in str(refusal), refusal
+
+
+def _result(value, grad=None):
+    return {"loss": value}, ({} if grad is None else {"logits": grad})
+
+
+@pytest.mark.parametrize(("new", "old", "problem"), [
+    (torch.tensor(0.0, dtype=torch.float64), 0.0, "is a float64 tensor of shape (), not a Python float"),
+    (0, 0.0, "is a Python int, not a Python float"),
+    (torch.tensor(1.0, dtype=torch.float32), torch.tensor(1.0, dtype=torch.float64), "is a float32 tensor"),
+    (torch.zeros(2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), "of shape (2,), not a float64 tensor"),
+    (torch.tensor(0.0, dtype=torch.float64), torch.tensor(float("nan"), dtype=torch.float64), "NaN or infinite"),
+    (torch.tensor(float("nan"), dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64), "NaN or infinite"),
+    (torch.tensor(float("-inf"), dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64), "NaN or"),
+])
+def test_outputs_agree_in_type_dtype_shape_and_non_finite_entries(new, old, problem):
+    case, never = Case(), lambda: pytest.fail("values are not compared where the kinds differ")
+    found = compare(_result(new), _result(old), never, never, case, {}, [])
+    assert found is not None and problem in found, found
+
+
+def test_nan_equals_nan_and_equal_infinities_agree():
+    special = torch.tensor([float("nan"), float("inf"), 1.0], dtype=torch.float64)
+    assert compare(_result(special.clone()), _result(special), None, None, Case(), {}, []) is None
+
+
+def test_the_low_precision_slack_never_excuses_a_rewrite_less_precise_than_the_loop():
+    """A loop that casts fp32 logits to fp64 rounds nothing to fp32: a rewrite that computes in fp32
+    and casts its result to fp64 has an fp32 error, which the loop does not have."""
+    logits = torch.randn(2, 5, dtype=torch.float64).float().requires_grad_(True)
+    labels = torch.tensor([1, 3])
+
+    def loop(logits):
+        return _mtp_outputs({}, torch.nn.functional.cross_entropy(logits.double(), labels))
+
+    def fp32_then_cast(logits):
+        return _mtp_outputs({}, torch.nn.functional.cross_entropy(logits, labels).double())
+
+    arguments = {"logits": logits}
+    old, new = run(loop, arguments, []), run(fp32_then_cast, arguments, [])
+    assert rounding(loop, arguments) == torch.finfo(torch.float64).eps
+    problem = compare(new, old, lambda: run(loop, arguments, [], truth=True), lambda: rounding(loop, arguments),
+                      Case(dtype=torch.float32), arguments, [])
+    assert problem is not None and problem.startswith("`return` differs"), problem
+    # The same fp32 computation is within the slack where the loop itself rounds to fp32.
+    same = compare(new, run(fp32_then_cast, arguments, []), lambda: run(fp32_then_cast, arguments, [], truth=True),
+                   lambda: rounding(fp32_then_cast, arguments), Case(dtype=torch.float32), arguments, [])
+    assert same is None and rounding(fp32_then_cast, arguments) == torch.finfo(torch.float32).eps
 
 
 def test_a_hanging_rewrite_times_out(monkeypatch):

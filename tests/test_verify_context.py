@@ -92,7 +92,6 @@ def trap(name: str) -> str:
     ("star_import_rebinds_utility", Code.DYNAMIC_NAMES, "from legacy_losses import *"),
     ("getframe_reads_temporaries", Code.DYNAMIC_NAMES, "f_locals"),
     ("logits_zeroed_after_loss", Code.REWRITE_RAISES, "modified by an inplace operation"),
-    ("mask_changed_in_place_before_loop", Code.NOT_EQUIVALENT, "differs"),
 ])
 def test_the_verifier_alone_refuses_the_trap(name, code, words):
     verdict = forced_verdict(trap(name))
@@ -100,15 +99,32 @@ def test_the_verifier_alone_refuses_the_trap(name, code, words):
     assert verdict.code is code and words in str(verdict), verdict
 
 
+def _unweighted_call(mask: str) -> str:
+    """The rewrite of an unweighted loop whose sum starts as ``0.0`` (a float where no head has tokens)."""
+    return (f"    ce_losses = compute_mtp_ce_loss(logits=logits, labels=labels, attention_mask={mask})\n"
+            "    return ce_losses['unweighted_ce_loss'] if ce_losses['heads_with_tokens'] else 0.0\n")
+
+
+def test_a_mask_changed_in_place_before_the_loop_is_in_the_program():
+    """``mask[:, 4] = 1.0`` after ``mask = attention_mask.float()``: passing the mask as it was made
+    differs; passing ``mask`` is equivalent (the recognizer itself now writes that)."""
+    original = trap("mask_changed_in_place_before_loop")
+    head, _, _ = original.partition("    total = 0.0\n")
+    head = head.replace("import torch.nn.functional as F\n", "import torch.nn.functional as F\n\n"
+                        "from weighted_mtp.utils import compute_mtp_ce_loss\n")
+    reason = judged(original, head + _unweighted_call("attention_mask.float()"))
+    assert reason is not None and str(reason).startswith("MTP201") and "differs" in str(reason), reason
+    assert judged(original, head + _unweighted_call("mask")) is None
+
+
 def test_an_attribute_store_on_a_name_the_loop_reads_is_in_the_program():
     """``criterion.label_smoothing = 0.1`` after ``criterion = nn.CrossEntropyLoss(...)``: the slice
     must hold the store, not only the definition (the recognizer finds no site here at all)."""
     original = trap("criterion_attribute_store")
     head, _, _ = original.partition("    _, seq_len, n_future, vocab_size")
-    naive = head + ("    return compute_mtp_ce_loss_unweighted(logits=logits, labels=labels, "
-                    "attention_mask=attention_mask.float())\n")
+    naive = head + _unweighted_call("attention_mask.float()")
     naive = naive.replace("import torch.nn as nn\n", "import torch.nn as nn\n\n"
-                          "from weighted_mtp.utils import compute_mtp_ce_loss_unweighted\n")
+                          "from weighted_mtp.utils import compute_mtp_ce_loss\n")
     reason = judged(original, naive)
     assert reason is not None and str(reason).startswith("MTP201") and "differs" in str(reason), reason
     assert judged(original, naive.replace("    criterion.label_smoothing = 0.1\n", "")) is not None

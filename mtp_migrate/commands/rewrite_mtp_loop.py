@@ -20,8 +20,9 @@ from mtp_migrate.commands.add_utility_import import AddUtilityImportCommand
 from mtp_migrate.commands.remove_dead_code import RemoveDeadCodeCommand
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE, RHO1_MODES
 from mtp_migrate.flow.dataflow import FlowIndex
-from mtp_migrate.import_order import FirstParty
-from mtp_migrate.mtp_loop.emit import removed_statements
+from mtp_migrate.flow.names import binds
+from mtp_migrate.import_order import FirstParty, insert
+from mtp_migrate.mtp_loop.emit import reads_torch, removed_statements
 from mtp_migrate.mtp_loop.plan import (
     Decision,
     UtilityImport,
@@ -101,4 +102,7 @@ class RewriteMTPLoopCommand(VisitorBasedCodemodCommand):
             aliases = {name: utility.names[name] for name in missing}
             edited = AddUtilityImportCommand(self.context, missing, self.utility_module, aliases, self.line_length,
                                              self.first_party).transform_module(edited)
+        if reads_torch(decisions) and not any("torch" in binds(s) for s in edited.body):
+            # A cast to the loop's dtype reads `torch` where the module imported only `F`.
+            edited = insert(edited, cst.parse_statement("import torch\n"), self.first_party or (lambda module: False))
         return edited

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import libcst as cst
 
 from mtp_migrate.cst_utils import code
+from mtp_migrate.mtp_loop.dtypes import FLOAT64, OF_CROSS_ENTROPY, DType, Promotion
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator
-from mtp_migrate.mtp_loop.spec import Average, LoopSpec
+from mtp_migrate.mtp_loop.results import accumulator_result, head0_result
+from mtp_migrate.mtp_loop.spec import Average, LoopSpec, Result
 from mtp_migrate.mtp_loop.symbolic import (
     LENGTH,
     B,
@@ -78,11 +80,6 @@ def _stop(lin: Lin | None) -> Lin:
     return lin
 
 
-def _wrap(text: str, node: cst.BaseExpression | None) -> str:
-    atomic = node is None or isinstance(node, cst.Name | cst.Attribute | cst.Subscript | cst.Call) or node.lpar
-    return text if atomic else f"({text})"
-
-
 class Classifier:
     def __init__(self, ev: LoopEvaluator):
         if ev.cross_entropy is None:
@@ -137,15 +134,58 @@ class Classifier:
             return True
         return False
 
-    def render(self, view: View, base: str | None = None) -> str:
+    def render(self, view: View) -> str:
         """The whole tensor as the call receives it: cut to the loop's length, with the view's value operations."""
-        text = _wrap(view.base.text, view.base.node) if base is None else base
-        if self.truncate is not None:
-            text = f"{text}[:, :{self.truncate.text}]"
+        text = self._cut(view)
         for op in view.ops:
             if op.kind != "precision":
                 text = op.apply(text)
         return text
+
+    def _cut(self, view: View) -> str:
+        """The view's tensor, cut to ``[:, :T]`` where the loop reads it only up to ``T``: a length taken from
+        another tensor (so the loop tolerates a longer one and the call must not see it), or ``truncate``."""
+        text = view.base.atom
+        if self.truncate is not None:
+            return f"{text}[:, :{self.truncate.text}]"
+        own = self.ev.facts.same_shape(view.base.node)
+        for atom in sorted(view.stop.atoms() if view.stop is not None else (), key=repr):
+            if isinstance(atom, Dim) and atom.base not in own and self.resolve(Lin.of(atom)) == Lin.of(S):
+                return f"{text}[:, :{self.ev.dimension_names.get(atom, f'{atom.base}.shape[{atom.axis}]')}]"
+        return text
+
+    def logits(self) -> str:
+        """The logits as the call receives them: cut like the rest, and in fp64 where the loop computes in fp64."""
+        text = self._cut(self.ce.logits)
+        if self.computes_in_fp64:
+            for op in self.ce.logits.ops:
+                if op.dtypes is not None:
+                    text = op.apply(text)
+        return text
+
+    @property
+    def ce_dtypes(self) -> tuple[DType, ...]:
+        logits = self.ce.logits
+        casts = [op.dtypes for op in logits.ops if op.dtypes is not None]
+        return casts[-1] if casts else (DType.of_tensor(logits.base.atom, floating=True),)
+
+    @property
+    def computes_in_fp64(self) -> bool:
+        """The loop casts the logits to fp64 before the cross-entropy (``.double()``)."""
+        return Promotion.of(self.ce_dtypes).floor == FLOAT64
+
+    def dtypes(self, ratio: Ratio) -> list[DType]:
+        """The dtypes whose promotion is the ratio's: the cross-entropy's and every factor's."""
+        found = []
+        for total in (ratio.numerator, ratio.denominator):
+            for factor in total.factors:
+                if isinstance(factor, CrossEntropy):
+                    found += self.ce_dtypes
+                elif any(op.dtypes for op in factor.ops):
+                    found += factor.dtypes
+                else:  # a tensor the loop does not cast: the dtypes its definition names, or its own
+                    found += self.ev.facts.dtypes(factor.base.node) or factor.dtypes
+        return [d for dtype in found for d in (self.ce_dtypes if dtype == OF_CROSS_ENTROPY else (dtype,))]
 
     def _length(self, view: View) -> Lin:
         return _stop(self.resolve(view.stop) if view.stop is not None else None) - self.resolve(view.start)
@@ -232,8 +272,11 @@ def _expression(classifier: Classifier, factors: Counter, what: str) -> tuple[st
     return " * ".join(classifier.render(f.view) for f in items), alignments.pop(), per_head.pop()
 
 
-def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str]) -> LoopSpec:
-    """Classify the accumulated ratios into the utility's options, or refuse."""
+def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
+             inits: dict[str, cst.BaseExpression]) -> LoopSpec:
+    """Classify the accumulated ratios into the utility's options, or refuse.
+
+    ``inits`` holds the zero each accumulator and head-0 metric starts from."""
     classifier = Classifier(ev)
     by_name: dict[str, list] = {}
     for accumulation in ev.accumulations:
@@ -324,18 +367,30 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str]) -> 
             raise Refusal(Code.HEAD0_METRIC, f"the head-0 metric `{metric.name}` needs the weighted call")
         head0_output, head0_item = metric.name, metric.item
 
-    labels_text = classifier.render(classifier.ce.labels)
-    logits = classifier.ce.logits.base
-    logits_text = logits.text if classifier.truncate is None else f"{_wrap(logits.text, logits.node)}[:, :" \
-                                                                   f"{classifier.truncate.text}]"
     ignore = None if _same_constant(classifier.ce.ignore_text, "-100") else classifier.ce.ignore_text
+    logits_dtype = DType.of(FLOAT64) if classifier.computes_in_fp64 else classifier.ce_dtypes[0]
+    counts = {"weighted": "heads_with_weight" if normalize == "weights" else "heads_with_tokens",
+              "unweighted": "heads_with_tokens"}
+    results = {}
+    for kind, r in (("weighted", weighted_ratio), ("unweighted", unweighted_ratio)):
+        if r is not None:
+            (accumulation,) = by_name[r.name]
+            results[kind] = accumulator_result(inits[r.name], accumulation, average[r.name],
+                                               classifier.dtypes(accumulation.value), counts[kind], ev.qualified)
+    if head0_output is not None:
+        (metric,) = ev.head0
+        results["head0"] = head0_result(metric, inits[metric.name], classifier.dtypes(metric.ratio),
+                                        all(f.nonnegative for f in metric.ratio.denominator.factors), ev.qualified)
     return LoopSpec(
-        logits=logits_text, labels=labels_text, attention_mask=mask_text, weights=weights_text,
+        logits=classifier.logits(), labels=classifier.render(classifier.ce.labels), attention_mask=mask_text,
+        weights=weights_text,
         n_future=None if _all_heads(ev, classifier.resolve) else code(ev.head_count), ignore_index=ignore,
         weight_alignment=alignment, mask_ignored_labels=valid, normalize=normalize, head_average=head_average,
         weighted_output=average[weighted_ratio.name].output if weighted_ratio else None,
         unweighted_output=average[unweighted_ratio.name].output if unweighted_ratio else None,
         head0_output=head0_output, head0_item=head0_item, per_head_weights=per_head,
+        call_dtype=Promotion.utility(logits_dtype), weighted_result=results.get("weighted", Result()),
+        unweighted_result=results.get("unweighted", Result()), head0_result=results.get("head0", Result()),
     )
 
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import libcst as cst
+import libcst.matchers as m
 
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, OPTION_DEFAULTS, UNWEIGHTED, WEIGHTED
+from mtp_migrate.cst_utils import code
 from mtp_migrate.mtp_loop.site import Site
-from mtp_migrate.mtp_loop.spec import LoopSpec
+from mtp_migrate.mtp_loop.spec import Action, LoopSpec, Result
 
 _RESULT_NAMES = ("ce_losses", "mtp_ce_losses", "mtp_ce_loss_outputs")
 
 
 def function_name(spec: LoopSpec) -> str:
-    """The utility the call needs: the unweighted one when only that loss is kept."""
-    if spec.weighted_output is None and spec.head0_output is None:
+    """The utility the call needs: the unweighted one when only that loss is kept, as a tensor."""
+    result = spec.unweighted_result
+    if spec.weighted_output is None and spec.head0_output is None and result.count is None and not (
+            result.dtype is not None and result.dtype.extends(spec.call_dtype)):
         return UNWEIGHTED
     return WEIGHTED
 
@@ -33,15 +37,64 @@ def _arguments(spec: LoopSpec, function: str) -> list[tuple[str, str]]:
     return args
 
 
+def _fit(text: str, start: int, base: int, line_length: int, depth: int = 0) -> str:
+    """The expression ``text``, begun at column ``start`` in a block indented ``base``, wrapped as black
+    does where it would pass ``line_length``: a call puts each argument on a line of its own, one level
+    deeper. Continuation lines are relative: libcst prefixes them with the block's indentation."""
+    if start + len(text) <= line_length:
+        return text
+    node = cst.parse_expression(text)
+    if not isinstance(node, cst.Call) or not node.args:
+        return text
+    inner = "    " * (depth + 1)
+    lines = []
+    for arg in node.args:
+        keyword = f"{arg.keyword.value}=" if arg.keyword is not None else ""
+        value = _fit(code(arg.value), base + len(inner) + len(keyword), base, line_length, depth + 1)
+        lines.append(f"{inner}{keyword}{value}{',' if len(node.args) > 1 else ''}\n")
+    return f"{code(node.func)}(\n{''.join(lines)}{'    ' * depth})"
+
+
+def _fit_suffix(suffix: str, start: int, base: int, line_length: int) -> str:
+    """A cast or subscript after a call's closing parenthesis (``.to(...)``), wrapped like ``_fit``."""
+    return _fit(f"_{suffix}", start - 1, base, line_length).removeprefix("_") if suffix else suffix
+
+
 def _call(spec: LoopSpec, function: str, local: str, prefix: str, suffix: str, indent: str,
           line_length: int) -> cst.BaseStatement:
     args = _arguments(spec, function)
     one_line = f"{prefix}{local}({', '.join(f'{k}={v}' for k, v in args)}){suffix}"
     if len(indent) + len(one_line) <= line_length:
         return cst.parse_statement(one_line + "\n")
-    # Continuation lines are relative: libcst prefixes them with the block's indentation.
     lines = "".join(f"    {k}={v},\n" for k, v in args)
+    suffix = _fit_suffix(suffix, len(indent) + 1, len(indent), line_length)
     return cst.parse_statement(f"{prefix}{local}(\n{lines}){suffix}\n")
+
+
+def _value(result: Result, call_dtype, losses: str, access: str, item: bool) -> str:
+    """What the site binds to one output, read off ``losses`` (the call's result): the loss in the loop's
+    dtype, or the loop's Python zero where the utility counts no head."""
+    loss = f"{losses}{access}"
+    if result.dtype is not None:
+        loss += result.dtype.cast(call_dtype, loss) or ""
+    if item:
+        loss += ".item()"
+    if result.count is not None:
+        loss = f'{loss} if {losses}["{result.count}"] else {result.zero}'
+    return loss
+
+
+def _assignment(target: str, value: str, indent: str, line_length: int) -> cst.BaseStatement:
+    """``target = value``, its conditional wrapped one part per line where it would pass ``line_length``."""
+    one_line = f"{target} = {value}"
+    if len(indent) + len(one_line) <= line_length:
+        return cst.parse_statement(one_line + "\n")
+    if " if " not in value:
+        return cst.parse_statement(f"{target} = {_fit(value, len(indent) + len(target) + 3, len(indent), line_length)}\n")
+    loss, rest = value.split(" if ", 1)
+    condition, zero = rest.rsplit(" else ", 1)
+    loss = _fit(loss, len(indent) + 4, len(indent), line_length, depth=1)
+    return cst.parse_statement(f"{target} = (\n    {loss}\n    if {condition}\n    else {zero}\n)\n")
 
 
 def replacement(site: Site, utility_names: dict[str, str], taken: set[str],
@@ -50,18 +103,24 @@ def replacement(site: Site, utility_names: dict[str, str], taken: set[str],
     spec = site.spec
     function = function_name(spec)
     local = utility_names[function]
-    outputs = [(spec.weighted_output, '["weighted_ce_loss"]'), (spec.unweighted_output, '["unweighted_ce_loss"]'),
-               (spec.head0_output, '["per_head_ce_loss"][0]' + (".item()" if spec.head0_item else ""))]
-    outputs = [(target, access) for target, access in outputs if target is not None]
+    outputs = [(spec.weighted_output, '["weighted_ce_loss"]', spec.weighted_result, False),
+               (spec.unweighted_output, '["unweighted_ce_loss"]', spec.unweighted_result, False),
+               (spec.head0_output, '["per_head_ce_loss"][0]', spec.head0_result, spec.head0_item)]
+    outputs = [output for output in outputs if output[0] is not None]
     if function == UNWEIGHTED:
-        statements = [_call(spec, function, local, f"{spec.unweighted_output} = ", "", site.indent, line_length)]
-    elif len(outputs) == 1:
-        target, access = outputs[0]
-        statements = [_call(spec, function, local, f"{target} = ", access, site.indent, line_length)]
+        ((target, _, result, _),) = outputs
+        cast = (result.dtype.cast(spec.call_dtype, "") if result.dtype is not None else None) or ""
+        statements = [_call(spec, function, local, f"{target} = ", cast, site.indent, line_length)]
     else:
         result = next(n for n in _RESULT_NAMES if n not in taken)
-        statements = [_call(spec, function, local, f"{result} = ", "", site.indent, line_length)]
-        statements += [cst.parse_statement(f"{target} = {result}{access}\n") for target, access in outputs]
+        values = [(target, _value(r, spec.call_dtype, result, access, item)) for target, access, r, item in outputs]
+        if len(values) == 1 and values[0][1].startswith(f"{result}[") and values[0][1].count(result) == 1:
+            target, value = values[0]  # one output, read once: straight off the call
+            statements = [_call(spec, function, local, f"{target} = ", value.removeprefix(result), site.indent,
+                                line_length)]
+        else:
+            statements = [_call(spec, function, local, f"{result} = ", "", site.indent, line_length)]
+            statements += [_assignment(target, value, site.indent, line_length) for target, value in values]
     inline = {}
     for average in site.averages:
         if average.inline is not None:
@@ -70,6 +129,16 @@ def replacement(site: Site, utility_names: dict[str, str], taken: set[str],
     # The comment above the site stays above what replaces it.
     new[0] = new[0].with_changes(leading_lines=[*site.block[site.start].leading_lines, *new[0].leading_lines])
     return new
+
+
+def reads_torch(decisions) -> bool:
+    """Whether a rewrite's statements read the name ``torch`` beyond what the loop already read."""
+    for decision in decisions:
+        if decision.action is Action.REWRITTEN:
+            kept = {id(s) for s in decision.site.kept}
+            if any(m.findall(s, m.Name("torch")) for s in decision.statements if id(s) not in kept):
+                return True
+    return False
 
 
 def removed_statements(site: Site) -> list[cst.BaseStatement]:

@@ -17,6 +17,7 @@ import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.cst_utils import code, literal_int, literal_number, string_value
+from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
     Free,
@@ -49,7 +50,7 @@ _FLATTEN = ("reshape", "view")
 
 
 def _compare(operator: str, operand: str) -> Op:
-    return Op("compare", "({} " + operator + " " + operand + ")", operator, operand)
+    return Op("compare", "({} " + operator + " " + operand + ")", operator, operand, (DType.of(BOOL),))
 
 
 class LogSoftmax(NamedTuple):
@@ -223,51 +224,57 @@ class ExpressionEvaluator:
     def _op(self, node: cst.Call, method: str, args) -> Op | None:
         """The elementwise operation a method call applies, or ``None`` if it is not one."""
         template = "{}" + code(node)[len(code(node.func.value)):]
+        cast = (DType.of(METHOD_DTYPES[method]),) if method in METHOD_DTYPES else None
         if method in _PRECISION_METHODS and not args:
-            return Op("precision", template)
+            return Op("precision", template, dtypes=cast)
         if method in _VALUE_METHODS and not args:
-            return Op("value", template)
+            return Op("value", template, dtypes=cast)
         if method == "bool" and not args:
-            return Op("bool", template)
+            return Op("bool", template, dtypes=cast)
         if method == "detach" and not args:
             return Op("detach", template)
         if method in _COMPARE_METHODS and len(args) == 1 and args[0].keyword is None:
             self._outer(args[0].value)
             return _compare(_COMPARE_METHODS[method], code(args[0].value))
         if method in ("to", "type") and args:
-            kinds = set()
+            kinds, dtypes = set(), None
             for arg in args:
-                kinds.add(self._conversion(arg))
+                kind, given = self._conversion(arg)
+                kinds.add(kind)
+                dtypes = given if given is not None else dtypes
                 if kinds != {"precision"} or not self._mentions_loop(arg.value):
                     self._outer(arg.value)
             kinds.discard("device")
             if "value" in kinds:
-                return Op("value", template)
-            return Op("bool", template) if "bool" in kinds else Op("precision", template)
+                return Op("value", template, dtypes=dtypes)
+            return Op("bool" if "bool" in kinds else "precision", template, dtypes=dtypes)
         if method == "type_as" and len(args) == 1:
             self._outer(args[0].value)
-            return Op("value", template)
+            return Op("value", template, dtypes=(DType.of_tensor(Outer(args[0].value, code(args[0].value)).atom),))
         return None
 
-    def _conversion(self, arg: cst.Arg) -> str:
-        """What one argument of ``.to(...)`` does: ``precision``, ``bool``, ``device`` or ``value`` (unknown)."""
+    def _conversion(self, arg: cst.Arg) -> tuple[str, tuple[DType, ...] | None]:
+        """What one argument of ``.to(...)`` does: ``precision``, ``bool``, ``device`` or ``value`` (unknown),
+        and the dtype it gives (``None``: the operand's)."""
         keyword = arg.keyword.value if arg.keyword is not None else None
         if m.matches(arg.value, m.Attribute(attr=m.Name("dtype"))) and self._mentions_loop(arg.value):
             of = self.value(arg.value.value)  # `.to(ce.dtype)`: the dtype of the cross-entropy, a float
             if isinstance(of, Tokens) and any(isinstance(f, CrossEntropy) for f in of.factors):
-                return "precision"
+                return "precision", tuple(d for f in of.factors for d in (
+                    (OF_CROSS_ENTROPY,) if isinstance(f, CrossEntropy) else f.dtypes))
         if keyword in ("non_blocking", "copy", "device"):
-            return "device"
+            return "device", None
         names = self.qualified(arg.value)
         if names and names <= FLOAT_DTYPES:
-            return "precision"
+            return "precision", tuple(DType.of(name) for name in names)
         if names == {BOOL_DTYPE}:
-            return "bool"
+            return "bool", (DType.of(BOOL),)
         if names == {"torch.device"} or string_value(arg.value) is not None or m.matches(
                 arg.value, m.Attribute(attr=m.Name("device"))) or (
                 isinstance(arg.value, cst.Call) and self.qualified(arg.value.func) == {"torch.device"}):
-            return "device"
-        return "value"
+            return "device", None
+        # A dtype the code reads at run time (`.to(model_dtype)`), as the verifier reads it too.
+        return "value", (DType(Outer(arg.value, code(arg.value)).atom),)
 
     def _apply(self, receiver, op: Op, node):
         if isinstance(receiver, View):

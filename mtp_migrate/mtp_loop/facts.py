@@ -15,12 +15,17 @@ import libcst.matchers as m
 
 from mtp_migrate.cst_utils import code, literal_int
 from mtp_migrate.flow.dataflow import Definition, FlowIndex, Point, reaching_definition
+from mtp_migrate.mtp_loop.dtypes import CANONICAL, METHOD_DTYPES, DType
 from mtp_migrate.mtp_loop.symbolic import Dim, Lin
 
 _DEPTH = 8  # how many definitions deep a fact is followed
 # Methods whose result has the shape of their receiver.
 _SHAPE_PRESERVING = {"flip", "float", "double", "half", "bfloat16", "to", "type", "type_as", "detach", "clone",
                      "contiguous", "cpu", "cuda", "long", "int", "bool", "requires_grad_"}
+
+# Methods whose result has the dtype of their receiver.
+_DTYPE_PRESERVING = {"detach", "clone", "contiguous", "cpu", "cuda", "reshape", "view", "flatten", "flip", "squeeze",
+                     "unsqueeze", "transpose", "permute", "expand", "expand_as", "view_as", "reshape_as"}
 
 QualifiedNames = Callable[[cst.CSTNode], set[str]]
 
@@ -169,3 +174,33 @@ class Facts:
         if m.matches(target, m.Name(node.value)):
             return found | self.same_shape(value, definition.point, depth + 1)
         return found
+
+    def dtypes(self, node: cst.BaseExpression, at: Point | None = None, depth: int = 0) -> tuple[DType, ...] | None:
+        """The dtypes whose promotion is ``node``'s dtype where its definitions name them
+        (``loss_mask = attention_mask.float() * (labels != -100)``), else ``None``."""
+        at = at or self.point
+        if depth > _DEPTH:
+            return None
+        if isinstance(node, cst.Comparison):
+            return (DType.of("torch.bool"),)
+        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Multiply | cst.BitAnd):
+            left, right = self.dtypes(node.left, at, depth + 1), self.dtypes(node.right, at, depth + 1)
+            return None if left is None or right is None else (*left, *right)
+        if isinstance(node, cst.Subscript):
+            return self.dtypes(node.value, at, depth + 1)
+        if isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute):
+            method = node.func.attr.value
+            if method in METHOD_DTYPES and not node.args:
+                return (DType.of(METHOD_DTYPES[method]),)
+            if method == "to" and len(node.args) == 1:
+                names = self.qualified(node.args[0].value)
+                return (DType.of(next(iter(names))),) if len(names) == 1 and next(iter(names)) in CANONICAL else None
+            if method in _DTYPE_PRESERVING:
+                return self.dtypes(node.func.value, at, depth + 1)
+            return None
+        if isinstance(node, cst.Name):
+            definition = self.definition(node.value, at)
+            if definition.kind == "statement" and m.matches(definition.statement, m.SimpleStatementLine(
+                    body=[m.Assign(targets=[m.AssignTarget(m.Name(node.value))])])):
+                return self.dtypes(definition.statement.body[0].value, definition.point, depth + 1)
+        return None

@@ -64,15 +64,22 @@ class Analysis:
         return {name.name for name in names}
 
 
+def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | None:
+    """``(name, value)`` of ``name = value`` or ``name: T = value``."""
+    if m.matches(statement, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
+        return statement.body[0].targets[0].target.value, statement.body[0].value
+    if m.matches(statement, m.SimpleStatementLine(body=[m.AnnAssign(target=m.Name())])) and \
+            statement.body[0].value is not None:
+        return statement.body[0].target.value, statement.body[0].value
+    return None
+
+
 def accumulator_init(statement: cst.BaseStatement, qualified) -> str | None:
     """``name = 0 | 0.0 | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``: the name."""
-    if m.matches(statement, m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(m.Name())])])):
-        name, value = statement.body[0].targets[0].target.value, statement.body[0].value
-    elif m.matches(statement, m.SimpleStatementLine(body=[m.AnnAssign(target=m.Name())])) and \
-            statement.body[0].value is not None:
-        name, value = statement.body[0].target.value, statement.body[0].value
-    else:
+    assigned = _assigned(statement)
+    if assigned is None:
         return None
+    name, value = assigned
     if literal_number(value) == 0:
         return name
     if not isinstance(value, cst.Call) or not value.args or value.args[0].keyword is not None:
@@ -171,7 +178,7 @@ def _averages(block, loop_index, ev: LoopEvaluator, targets: set[str], qualified
         if isinstance(small, cst.AugAssign) and isinstance(small.operator, cst.DivideAssign) and \
                 m.matches(small.target, m.Name()) and small.target.value in pending:
             name = small.target.value
-            averages.append(Average(name, name, _divisor(small.value, ev, qualified), position))
+            averages.append(Average(name, name, _divisor(small.value, ev, qualified), position, in_place=True))
             pending.discard(name)
         elif m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())],
                                        value=m.BinaryOperation(operator=m.Divide(), left=m.Name()))) and \
@@ -261,7 +268,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     positions = analysis.positions
     site = replace(site, averages=tuple(averages), stop=stop,
                    span=(positions[block[start]].start.line, positions[block[stop - 1]].end.line))
-    spec = classify(ev, averages, counters)
+    spec = classify(ev, averages, counters, {name: _assigned(block[i])[1] for name, i in inits.items()})
     _check_liveness(analysis, site, spec)
     return replace(site, spec=spec,
                    rho1_style=rho1_style or spec.normalize == "weights" or spec.head_average == "valid")

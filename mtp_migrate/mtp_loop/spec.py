@@ -7,7 +7,8 @@ from enum import Enum
 
 import libcst as cst
 
-from mtp_migrate.config import HeadAverage, Normalize, WeightAlignment
+from mtp_migrate.config import Count, HeadAverage, Normalize, WeightAlignment
+from mtp_migrate.mtp_loop.dtypes import Promotion
 from mtp_migrate.refusals import Code, Refusal
 
 
@@ -15,6 +16,21 @@ class Action(str, Enum):
     REWRITTEN = "rewritten"
     DEL_INSERTED = "del_inserted"
     SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the loop binds to one output, beyond the call's value.
+
+    ``dtype`` is the loop's dtype for it (``None``: a Python float, taken with ``.item()``);
+    the rewrite casts the call's output to it where the two may differ. Where the loop's
+    Python zero (``zero``, as the loop leaves it) is never replaced by a tensor, which is when
+    the utility's ``count`` is 0, the rewrite keeps that number.
+    """
+
+    dtype: Promotion | None = None
+    zero: str | None = None
+    count: Count | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,10 @@ class LoopSpec:
     head0_output: str | None = None  # rho1's head-0 metric: per_head_ce_loss[0]
     head0_item: bool = False  # the metric was taken with .item()
     per_head_weights: bool = False  # 3-D weights [B, S, n], indexed per head
+    call_dtype: Promotion | None = None  # the dtype of the call's losses
+    weighted_result: Result = Result()
+    unweighted_result: Result = Result()
+    head0_result: Result = Result()
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ class Average:
     divisor: str
     index: int
     inline: cst.BaseStatement | None = None
+    in_place: bool = False  # `acc /= n`: a tensor keeps its dtype (`acc / n` turns an integer one into a float)
 
 
 @dataclass(frozen=True)

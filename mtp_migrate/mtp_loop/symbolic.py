@@ -14,6 +14,8 @@ from enum import Enum
 
 import libcst as cst
 
+from mtp_migrate.mtp_loop.dtypes import DType
+
 
 @dataclass(frozen=True, order=True)
 class Dim:
@@ -99,6 +101,7 @@ class Op:
     template: str
     operator: str = ""  # for comparisons: "!=", "==", ...
     operand: str = ""  # for comparisons: the other side, as written
+    dtypes: tuple[DType, ...] | None = None  # it gives their promotion; None: its operand's dtype
 
     @property
     def boolean(self) -> bool:
@@ -114,6 +117,13 @@ class Outer:
 
     node: cst.BaseExpression = field(compare=False)
     text: str = ""
+
+    @property
+    def atom(self) -> str:
+        """The text, parenthesised where a subscript or an attribute after it would bind to a part."""
+        node = self.node
+        atomic = node is None or isinstance(node, cst.Name | cst.Attribute | cst.Subscript | cst.Call) or node.lpar
+        return self.text if atomic else f"({self.text})"
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,17 @@ class View:
     @property
     def boolean(self) -> bool:
         return bool(self.ops) and self.ops[-1].boolean
+
+    @property
+    def nonnegative(self) -> bool:
+        """Provably 0 or 1: a comparison or a cast to bool, whatever casts follow."""
+        return any(op.boolean for op in self.ops)
+
+    @property
+    def dtypes(self) -> tuple[DType, ...]:
+        """The dtype of the view's values (the promotion of these): its last cast's, else its tensor's."""
+        casts = [op.dtypes for op in self.ops if op.dtypes is not None]
+        return casts[-1] if casts else (DType.of_tensor(self.base.atom),)
 
     def as_factor(self) -> View:
         """The view as a per-token factor: its layout belongs to the product, not to the factor."""

@@ -18,6 +18,7 @@ import torch
 
 from mtp_migrate.verify.harness import Case
 
+LARGE_SHAPE = {"B": 5, "S": 17, "H": 6, "V": 64}  # every dimension above the grid's, once
 SHAPE_VARIANTS = [{"S": 1}, {"S": 2}, {"S": 3}, {"S": 4}, {"S": 12}, {"B": 1}, {"B": 3}, {"B": 4}, {"V": 2},
                   {"V": 37}, {"H": 1}, {"H": 2}, {"H": 4}]
 LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
@@ -25,6 +26,7 @@ LOW_PRECISION = (torch.float32, torch.bfloat16, torch.float16)
 SCALARS = [("H", 0), ("H", -1), ("H", 1), ("S", 0), ("S", -1), ("S", 1), ("V", 0), ("B", 0), ("const", -100),
            ("const", 0), ("const", 1), ("const", 2), ("const", 0.5)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64]
+FLOATING_KINDS = {"logits", "mask_float", "mask_soft", "mask_grad", "weights", "weights_negative", "weights_large"}
 TENSOR_KINDS = ["tokens", "mask_long", "mask_bool", "mask_float", "mask_soft", "mask_segments", "mask_grad",
                 "weights", "weights_negative", "weights_large", "weights_integer"]
 _PREFERRED = [  # (words in the slot's name, what to try first)
@@ -98,4 +100,21 @@ def variations(base: Case, slots, seed: int) -> list[Case]:
         cases.append(Case(shape={**base.shape, **rng.choice(SHAPE_VARIANTS[:5])},
                           dtype=rng.choice((torch.float64, torch.float64, torch.bfloat16)),
                           choices={s.param: rng.choice(candidates(s)) for s in slots}, seed=seed + index + 1))
+    return cases
+
+
+def extra_cases(base: Case, slots) -> list[Case]:
+    """Shapes and precisions real code has and the grid leaves out, tried once a site passed the grid:
+    weights of shape ``[B, S, 1]`` (a reward head's), every tensor but the logits one position
+    longer (``logits = model(input_ids[:, :-1])``), each floating input in fp64 among fp32 ones,
+    and every dimension larger than the grid's."""
+    tensors = [slot for slot in slots if slot.kind == "tensor" and slot.rank != 0]
+    cases = [replace(base, singleton=(slot.param,)) for slot in tensors if slot.weights and slot.rank == 2]
+    longer = {slot.param: 1 for slot in tensors if base.choices[slot.param] != "logits"}
+    if longer:
+        cases.append(replace(base, lengths=longer))
+    for slot in tensors:
+        if base.choices[slot.param].split("@")[0] in FLOATING_KINDS:
+            cases.append(replace(base, dtype=torch.float32, dtypes={slot.param: torch.float64}))
+    cases.append(replace(base, shape=dict(LARGE_SHAPE)))
     return cases

@@ -5,11 +5,14 @@ frozen loop and its replacement exactly as the verifier did.
 A program is a function of its inputs that returns ``_mtp_outputs(locals(), value)``.
 ``run`` calls it on fresh leaves and collects the named outputs and the gradient of every
 input that requires grad; ``compare`` says where a rewrite's results differ from the
-original's: 1e-9 in fp64; elsewhere, no worse than the original against an fp64 truth.
+original's: the same Python type, tensor dtype and shape, NaN and infinities where the
+original has them, and values within 1e-9 where the original computes in fp64; where it
+rounds to a lower precision, no worse than the original against an fp64 truth.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 from contextlib import contextmanager, suppress
@@ -45,6 +48,8 @@ class Case:
     choices: dict = field(default_factory=dict)  # input param -> candidate
     lengths: dict = field(default_factory=dict)  # input param -> S offset of its dimension 1
     seed: int = 0
+    singleton: tuple = ()  # input params given a trailing dimension of 1 ([B, S, 1])
+    dtypes: dict = field(default_factory=dict)  # input param -> its floating dtype, where not ``dtype``
 
     def describe(self, inputs) -> str:
         shape = " ".join(f"{k}={v}" for k, v in self.shape.items())
@@ -54,6 +59,10 @@ class Case:
             parts.append(f"{slot.path}={_show(choice)}")
             if self.lengths.get(slot.param):
                 parts.append(f"{slot.path} length S{self.lengths[slot.param]:+d}")
+            if slot.param in self.singleton:
+                parts.append(f"{slot.path} with a trailing dimension of 1")
+            if slot.param in self.dtypes:
+                parts.append(f"{slot.path} in {str(self.dtypes[slot.param]).removeprefix('torch.')}")
         return ", ".join(parts)
 
 
@@ -85,17 +94,21 @@ def make_inputs(case: Case, inputs) -> dict:
         else:
             kind, _, rank = choice.partition("@")
             rank = int(rank) if rank else 4 if kind == "logits" else slot.rank
-            arguments[slot.param] = _tensor(kind, rank, case, gen, case.lengths.get(slot.param, 0))
+            tensor = _tensor(kind, rank, case, gen, case.lengths.get(slot.param, 0),
+                             case.dtypes.get(slot.param, case.dtype))
+            if slot.param in case.singleton:
+                tensor = tensor.detach().unsqueeze(-1).requires_grad_(tensor.requires_grad)
+            arguments[slot.param] = tensor
     return arguments
 
 
-def _tensor(kind: str, rank: int | None, case: Case, gen, delta: int) -> torch.Tensor:
+def _tensor(kind: str, rank: int | None, case: Case, gen, delta: int, dtype: torch.dtype) -> torch.Tensor:
     b, s, h, v = case.shape["B"], case.shape["S"] + delta, case.shape["H"], case.shape["V"]
     dims = {0: (), 1: (b,), 2: (b, s), 3: (b, s, h), 4: (b, s, h, v)}.get(rank or 2, (b, s, h, v, 2))
     if kind == "logits":
-        return (3 * torch.randn(dims, generator=gen, dtype=torch.float64)).to(case.dtype).requires_grad_(True)
+        return (3 * torch.randn(dims, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_(True)
     if kind == "scalar":
-        return torch.tensor(1.5, dtype=case.dtype)
+        return torch.tensor(1.5, dtype=dtype)
     if kind == "tokens":
         tokens = torch.randint(0, v, dims, generator=gen)
         if len(dims) >= 2:
@@ -111,13 +124,13 @@ def _tensor(kind: str, rank: int | None, case: Case, gen, delta: int) -> torch.T
     made = {
         "mask_long": lambda: ones,
         "mask_bool": lambda: ones.bool(),
-        "mask_float": lambda: ones.to(case.dtype),
-        "mask_soft": lambda: (raw * ones).to(case.dtype),
+        "mask_float": lambda: ones.to(dtype),
+        "mask_soft": lambda: (raw * ones).to(dtype),
         "mask_segments": lambda: ones * torch.randint(1, 4, dims, generator=gen),
-        "mask_grad": lambda: (raw * ones).to(case.dtype).requires_grad_(True),
-        "weights": lambda: raw.to(case.dtype).requires_grad_(True),
-        "weights_negative": lambda: (4 * raw - 2).to(case.dtype).requires_grad_(True),
-        "weights_large": lambda: (1 + 5 * raw).to(case.dtype).requires_grad_(True),
+        "mask_grad": lambda: (raw * ones).to(dtype).requires_grad_(True),
+        "weights": lambda: raw.to(dtype).requires_grad_(True),
+        "weights_negative": lambda: (4 * raw - 2).to(dtype).requires_grad_(True),
+        "weights_large": lambda: (1 + 5 * raw).to(dtype).requires_grad_(True),
         "weights_integer": lambda: torch.randint(0, 4, dims, generator=gen),
     }
     return made[kind]()
@@ -144,17 +157,69 @@ def _mtp_outputs(scope: dict, returned):
     return returned, dict(scope)
 
 
+def _widened(func, args: tuple, kwargs: dict):
+    """The call with every float-to-float cast and float dtype argument in fp64."""
+    if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
+        # A copy, as the narrowing cast makes one (`.double()` of an fp64 leaf is the leaf itself).
+        return torch.Tensor.to, (args[0], torch.float64), {**kwargs, "copy": True}
+    args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in _FLOAT_DTYPES else a for a in args)
+    if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"] in _FLOAT_DTYPES:
+        kwargs = {**kwargs, "dtype": torch.float64}
+    return func, args, kwargs
+
+
 class _WidenFloats(TorchFunctionMode):
     """Every float-to-float cast and float dtype argument becomes fp64: the loop's formula, exactly."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
-            func = torch.Tensor.double
-        args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in _FLOAT_DTYPES else a for a in args)
-        if isinstance(kwargs.get("dtype"), torch.dtype) and kwargs["dtype"] in _FLOAT_DTYPES:
-            kwargs["dtype"] = torch.float64
+        func, args, kwargs = _widened(func, args, dict(kwargs or {}))
         return func(*args, **kwargs)
+
+
+def _fp64_copy(value):
+    """A detached copy, in fp64 if floating, of every tensor in ``value`` (an in-place call may change it)."""
+    if torch.is_tensor(value):
+        return value.detach().to(torch.float64 if value.is_floating_point() else value.dtype, copy=True)
+    if isinstance(value, tuple | list):
+        return type(value)(_fp64_copy(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _fp64_copy(item) for key, item in value.items()}
+    return value
+
+
+class _Rounding(TorchFunctionMode):
+    """The least precise floating type to which some operation really rounds its result: the
+    result differs from the same operation in fp64 (views, zeros, casts that widen, products
+    of 0/1 masks round nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epsilon = torch.finfo(torch.float64).eps
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        exact = None  # not computable in fp64: the result counts as rounded
+        with suppress(Exception), torch.no_grad():
+            wide, wide_args, wide_kwargs = _widened(func, _fp64_copy(args), _fp64_copy(kwargs))
+            exact = wide(*wide_args, **wide_kwargs)
+        result = func(*args, **kwargs)
+        results = result if isinstance(result, tuple | list) else (result,)
+        exacts = exact if isinstance(exact, tuple | list) else (exact,)
+        for index, value in enumerate(results):
+            if torch.is_tensor(value) and value.is_floating_point():
+                truth = exacts[index] if index < len(exacts) else None
+                if not (torch.is_tensor(truth) and truth.shape == value.shape and bool(_same(value.detach().double(),
+                                                                                             truth.double()).all())):
+                    self.epsilon = max(self.epsilon, torch.finfo(value.dtype).eps)
+        return result
+
+
+def rounding(function, arguments: dict) -> float:
+    """The machine epsilon of the least precise type the program rounds to (fp64's if it rounds to no lower)."""
+    arguments = {k: _leaf_copy(v) for k, v in arguments.items()}
+    with _Rounding() as mode:
+        function(**arguments)
+    return mode.epsilon
 
 
 @contextmanager
@@ -229,26 +294,53 @@ def _as_tensor(value):
     return None
 
 
-def _difference(new, old) -> float | str:
-    """The largest absolute difference, or a reason they cannot be compared."""
+def _same(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Entrywise equality where NaN equals NaN."""
+    return (a == b) | (a.isnan() & b.isnan())
+
+
+def _kind(value) -> str:
+    if torch.is_tensor(value):
+        return f"{str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return f"Python {type(value).__name__}"
+
+
+def _mismatch(new, old) -> str | None:
+    """How ``new`` is not what ``old`` is, whatever the tolerance: unbound, another Python type,
+    tensor dtype or shape, or NaN or infinite entries that differ (NaN equals only NaN)."""
     if old is UNBOUND:
-        return 0.0
+        return None
     if new is UNBOUND:
         return "leaves it unbound"
-    if torch.is_tensor(old) and not torch.is_tensor(new):
-        return f"is a {type(new).__name__}, not a tensor"
+    both_tensors = torch.is_tensor(new) and torch.is_tensor(old)
+    if (type(new) is not type(old) and not both_tensors) or (
+            both_tensors and (new.dtype != old.dtype or new.shape != old.shape)):
+        return f"is a {_kind(new)}, not a {_kind(old)}"
     a, b = _as_tensor(new), _as_tensor(old)
     if a is None or b is None:
-        return 0.0 if new == old else "differs"
-    if a.shape != b.shape:
-        return f"has shape {tuple(a.shape)}, not {tuple(b.shape)}"
-    if not a.numel():
+        return None if new == old else "differs"
+    if bool((~_same(a, b) & ~(a.isfinite() & b.isfinite())).any()):
+        return "has NaN or infinite entries where the original's differ"
+    return None
+
+
+def _error(value, reference, over) -> float:
+    """The largest absolute difference between two numbers or same-shaped tensors, over the
+    entries where ``over`` (the original's value) is finite."""
+    a, b, where = _as_tensor(value), _as_tensor(reference), _as_tensor(over)
+    if a is None or b is None:
         return 0.0
-    difference = (a - b).abs()
-    both_nan = a.isnan() & b.isnan()
-    both_inf = (a == b) & a.isinf()
-    difference = torch.where(both_nan | both_inf, torch.zeros_like(difference), difference)
-    return float(difference.max())
+    difference = torch.where(_same(a, b), torch.zeros_like(a), (a - b).abs())
+    if where is not None:
+        difference = difference[where.isfinite()]
+    return float(difference.nan_to_num(nan=math.inf).max()) if difference.numel() else 0.0
+
+
+def _comparable(value, truth) -> bool:
+    if truth is UNBOUND:
+        return True
+    a, b = _as_tensor(value), _as_tensor(truth)
+    return a.shape == b.shape if a is not None and b is not None else value == truth
 
 
 def _scale(value) -> float:
@@ -259,12 +351,14 @@ def _scale(value) -> float:
     return 1.0 + (float(finite.abs().max()) if finite.numel() else 0.0)
 
 
-def _pairs(new, old, paths: dict[str, str]):
+def _pairs(new, old, paths: dict[str, str], arguments: dict):
+    """``(label, new value, old value, epsilon of how it is stored)``: every output, every gradient."""
     outputs_new, grads_new = new
     outputs_old, grads_old = old
-    pairs = [(f"`{name}`", outputs_new.get(name, UNBOUND), value) for name, value in outputs_old.items()]
-    pairs += [(f"the gradient of `{paths.get(name, name)}`", grads_new.get(name, torch.zeros_like(g)), g)
-              for name, g in grads_old.items()]
+    fp64 = torch.finfo(torch.float64).eps
+    pairs = [(f"`{name}`", outputs_new.get(name, UNBOUND), value, fp64) for name, value in outputs_old.items()]
+    pairs += [(f"the gradient of `{paths.get(name, name)}`", grads_new.get(name, torch.zeros_like(g)), g,
+               torch.finfo(arguments[name].dtype).eps) for name, g in grads_old.items()]
     return pairs
 
 
@@ -279,41 +373,41 @@ def is_trivial(result) -> bool:
     return True
 
 
-def _precision(case: Case, arguments: dict) -> float:
-    """The machine epsilon of the least precise float type in the case (fp64's if none is lower)."""
-    dtypes = {case.dtype, *(v for v in arguments.values() if isinstance(v, torch.dtype) and v.is_floating_point)}
-    dtypes |= {v.dtype for v in arguments.values() if torch.is_tensor(v) and v.is_floating_point()}
-    return max(torch.finfo(dtype).eps for dtype in dtypes)
-
-
-def compare(new, old, truth, case: Case, arguments: dict, inputs) -> str | None:
+def compare(new, old, truth, precision, case: Case, arguments: dict, inputs) -> str | None:
     """Where the rewrite's ``new`` results differ from the original's ``old``, or ``None``.
 
-    ``truth()`` runs the original in fp64; it is called only when the results are not exact.
+    Types, dtypes, shapes and non-finite entries must agree exactly. Values must agree within
+    1e-9 unless the original rounds to a lower precision: ``precision()`` runs the original
+    and gives the epsilon of the least precise type it rounds to, and ``truth()`` runs it in
+    fp64; both are called only when the values are not within 1e-9. A gradient is also
+    stored in its input's precision. A rewrite that rounds where the original does not
+    (say in fp32 where the loop casts to fp64) gets no slack.
     """
     paths = {slot.param: slot.path for slot in inputs}
-    pairs = _pairs(new, old, paths)
+    pairs = _pairs(new, old, paths, arguments)
     exact = True
-    for label, got, want in pairs:
-        difference = _difference(got, want)
-        if isinstance(difference, str):
-            return f"{label} {difference}"
-        if difference > TOLERANCE * _scale(want):
+    for label, got, want, _ in pairs:
+        problem = _mismatch(got, want)
+        if problem:
+            return f"{label} {problem}"
+        if _error(got, want, want) > TOLERANCE * _scale(want):
             exact = False
     if exact:
         return None
     reference = old
     with suppress(Exception):  # an original that cannot run widened to fp64 is its own truth
         reference = truth()
-    epsilon = _precision(case, arguments)
-    slack = TOLERANCE if epsilon <= torch.finfo(torch.float64).eps else LOW_PRECISION_SLACK
-    for (label, got, want), (_, fp64, _) in zip(pairs, _pairs(reference, reference, paths), strict=True):
-        new_error, old_error = _difference(got, fp64), _difference(want, fp64)
-        if isinstance(new_error, str) or isinstance(old_error, str):
+    rounded = precision()
+    for (label, got, want, stored), (_, fp64, _, _) in zip(pairs, _pairs(reference, reference, paths, arguments),
+                                                           strict=True):
+        if not _comparable(got, fp64):
             return f"{label} cannot be compared with the fp64 truth"
-        within_rounding = epsilon > slack and _difference(got, want) <= 2 * epsilon * _scale(want)
+        epsilon = max(rounded, stored)
+        slack = TOLERANCE if epsilon <= torch.finfo(torch.float64).eps else LOW_PRECISION_SLACK
+        new_error, old_error = _error(got, fp64, want), _error(want, fp64, want)
+        within_rounding = epsilon > slack and _error(got, want, want) <= 2 * epsilon * _scale(want)
         if new_error > 1.25 * old_error + slack * _scale(fp64) and not within_rounding:
-            return f"{label} differs by {_difference(got, want):.3g} (error {new_error:.3g} against fp64, " \
+            return f"{label} differs by {_error(got, want, want):.3g} (error {new_error:.3g} against fp64, " \
                    f"the loop's {old_error:.3g})"
     return None
 
@@ -340,8 +434,8 @@ def check(original, rewritten, inputs, outputs: list[str], case: Case, import_ro
         with importable_from(import_root):
             old = run(original, arguments, outputs)
             new = run(rewritten, arguments, outputs)
-            problem = compare(new, old, lambda: run(original, arguments, outputs, truth=True), case, arguments,
-                              inputs)
+            problem = compare(new, old, lambda: run(original, arguments, outputs, truth=True),
+                              lambda: rounding(original, arguments), case, arguments, inputs)
     finally:
         torch.set_num_threads(threads)
     assert problem is None, f"{problem} (on {case.describe(inputs)})"

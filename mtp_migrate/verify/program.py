@@ -54,10 +54,10 @@ from mtp_migrate.verify.slots import (
     Replace,
     Returns,
     Slot,
-    contract_paths,
     hint,
     prologue,
     read_kinds,
+    weight_paths,
 )
 
 CAUGHT = "_mtp_caught"  # which modelled `except` clause caught what: an output like any other
@@ -695,9 +695,9 @@ def build(original: tuple[Point, FlowIndex, cst.Module], rewritten: tuple[Point,
     priors = {path: declared[path] for path in slots if path in declared}
     read_kinds(cst.Module(body=[*readable[0].body, *readable[1].body]), slots, priors)
     imports = [s for s in new_module.body if m.matches(s, m.SimpleStatementLine(body=[m.Import() | m.ImportFrom()]))]
-    for path in contract_paths(readable[1], imports, utility or {}):
+    for path in weight_paths(readable[1], imports, utility or {}):
         for slot in slots.values():
-            slot.contract |= slot.param == path
+            slot.weights |= slot.param == path
     return SiteProgram(original=sources[0], rewritten=sources[1], slots=list(slots.values()),
                        outputs=outputs, line=line, utility=dict(utility or {}))
 

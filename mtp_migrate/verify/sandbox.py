@@ -248,7 +248,8 @@ def serve() -> None:
 
 def _answer(message: tuple, programs: dict, harness):
     """``("load", sources, utility)`` compiles the two programs; ``("run", name, case, inputs, outputs,
-    truth)`` runs one on a case (plain data: the child imports nothing of mtp-migrate)."""
+    truth)`` runs one on a case; ``("rounding", case, inputs)`` finds the least precise type the original
+    rounds to (plain data: the child imports nothing of mtp-migrate)."""
     if message[0] == "load":
         _, sources, utility = message
         programs["utility"].install(utility)
@@ -257,6 +258,10 @@ def _answer(message: tuple, programs: dict, harness):
             exec(compile(source, f"<{name} program>", "exec"), namespace)
             programs[name] = namespace[name]
         return ("ok",)
+    if message[0] == "rounding":
+        _, case, inputs = message
+        inputs = [harness.Input(*fields) for fields in inputs]
+        return ("ok", harness.rounding(programs["original"], harness.make_inputs(harness.Case(**case), inputs)))
     _, name, case, inputs, outputs, truth = message
     case = harness.Case(**case)
     inputs = [harness.Input(*fields) for fields in inputs]

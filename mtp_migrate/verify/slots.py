@@ -31,7 +31,7 @@ class Slot:
     rank: int | None = None  # for tensors: the rank the code implies (exactly, or at least)
     rank_is_exact: bool = False
     hint: str = ""  # the path's last name: orders candidate values, never restricts them
-    contract: bool = False  # passed as it is (cast, cut) to the utility, whose documented shapes it must have
+    weights: bool = False  # passed as it is (cast, cut) as the utility's weights: also tried as [B, S, 1]
 
 
 class Paths(cst.CSTVisitor):
@@ -149,11 +149,13 @@ _PASS_THROUGH = {"float", "double", "half", "bfloat16", "long", "int", "bool", "
 _TENSOR_ARGUMENTS = ("logits", "labels", "attention_mask", "weights")
 
 
-def contract_paths(program: cst.Module, module_imports, utility: dict[str, str]) -> set[str]:
-    """Slot parameters the rewrite passes, as they are, as the utility's tensor arguments.
+def weight_paths(program: cst.Module, module_imports, utility: dict[str, str]) -> set[str]:
+    """Slot parameters the rewrite passes, as they are (cast, cut), as the utility's ``weights`` and
+    as no other tensor argument.
 
-    The utility documents ``[B, S]`` shapes for them; everything else (``input_ids``, a
-    tensor a mask is computed from) may have any length the loop tolerates.
+    Weights may be a reward head's ``[B, S, 1]`` output, which the utility reads as ``[B, S]``;
+    a loop may read it too, so such a slot is also tried with that shape (an attention mask
+    passed as the weights too is a mask, which comes ``[B, S]``).
     """
     locals_ = set()
     for statement in module_imports:
@@ -162,7 +164,7 @@ def contract_paths(program: cst.Module, module_imports, utility: dict[str, str])
                 not isinstance(node.names, cst.ImportStar):
             locals_ |= {alias.asname.name.value if alias.asname else alias.evaluated_name for alias in node.names}
     aliases = {a.targets[0].target.value: a.value for a in m.findall(program, m.Assign(targets=[m.AssignTarget(m.Name())]))}
-    found = set()
+    found: dict[str, set[str]] = {}  # slot parameter -> the arguments it is passed as
     for call in m.findall(program, m.Call(func=m.Name())):
         if call.func.value not in locals_:
             continue
@@ -179,12 +181,12 @@ def contract_paths(program: cst.Module, module_imports, utility: dict[str, str])
                 elif isinstance(value, cst.Subscript):
                     value = value.value  # `x[:, :seq_len]`: the loop's own cut
                 elif isinstance(value, cst.Name) and value.value in aliases:
-                    value = aliases.pop(value.value)
+                    value = aliases[value.value]
                 else:
                     break
             if isinstance(value, cst.Name) and value.value.startswith(SLOT_PREFIX):
-                found.add(value.value)
-    return found
+                found.setdefault(value.value, set()).add(name)
+    return {param for param, arguments in found.items() if arguments == {"weights"}}
 
 
 def root_of(path: str) -> str:
@@ -244,6 +246,8 @@ def _observe(node: cst.Name, parents, seen: dict) -> None:
         called = isinstance(grand, cst.Call) and grand.func is parent
         if attribute in ("type", "index") and not called:
             seen["device"] += 1  # `device.type == "cuda"`: a tensor's `type` is a method
+        elif attribute == "is_floating_point" and not called:
+            seen["dtype"] += 1  # a dtype's property, where a tensor's is a method
         elif attribute in TENSOR_ATTRIBUTES or attribute in TENSOR_METHODS:
             seen["tensor"] += 1
         if attribute == "shape":
