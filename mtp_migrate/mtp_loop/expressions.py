@@ -21,6 +21,7 @@ from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, D
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
     Free,
+    HeadScale,
     K,
     Layout,
     Lin,
@@ -47,6 +48,7 @@ _COMPARE_METHODS = {"ne": "!=", "eq": "==", "gt": ">", "ge": ">=", "lt": "<", "l
 _COMPARE_OPERATORS = {cst.NotEqual: "!=", cst.Equal: "==", cst.GreaterThan: ">", cst.GreaterThanEqual: ">=",
                       cst.LessThan: "<", cst.LessThanEqual: "<="}
 _FLATTEN = ("reshape", "view")
+_SCALE_OPERATORS = (cst.Add, cst.Subtract, cst.Multiply, cst.Divide, cst.Power)
 
 
 def _compare(operator: str, operand: str) -> Op:
@@ -443,7 +445,45 @@ class ExpressionEvaluator:
         tokens = self._tokens(value)
         return tokens.factors, tokens.shape_checks
 
+    def _is_head_scale(self, node: cst.BaseExpression) -> bool:
+        """A number of the head alone: literals, the loop variable and outside names combined by arithmetic and
+        ``[index]``, with no call (the rewrite evaluates it again, for every head)."""
+        if self.index.reads(node) & (set(self.env) | self.accumulators):
+            return False
+        if isinstance(node, cst.Name | cst.Integer | cst.Float):
+            return True
+        if isinstance(node, cst.Attribute):
+            return self._is_head_scale(node.value)
+        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Minus | cst.Plus):
+            return self._is_head_scale(node.expression)
+        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, _SCALE_OPERATORS):
+            return self._is_head_scale(node.left) and self._is_head_scale(node.right)
+        if isinstance(node, cst.Subscript) and len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index):
+            return self._is_head_scale(node.value) and self._is_head_scale(node.slice[0].slice.value)
+        return False
+
+    def _scaled(self, node: cst.BinaryOperation) -> Ratio | None:
+        """``scale * ratio`` or ``ratio * scale`` with a per-head number (see ``HeadScale``), or ``None``."""
+        for scale, ratio, template in ((node.left, node.right, "{scale} * {{}}"),
+                                       (node.right, node.left, "{{}} * {scale}")):
+            if not self._is_head_scale(scale) or self._is_head_scale(ratio):
+                continue
+            value = self.value(ratio)
+            if isinstance(value, Ratio) and value.scale is None:
+                self._outer_names_of(scale)
+                text = code(scale) if not isinstance(scale, cst.BinaryOperation) or scale.lpar else f"({code(scale)})"
+                return Ratio(value.numerator, value.denominator, HeadScale(scale, template.format(scale=text)))
+        return None
+
+    def _outer_names_of(self, node: cst.BaseExpression) -> None:
+        """Record the outside names a head scale reads (the loop must not rebind them)."""
+        self.outer_names |= self.index.reads(node) - {self.loop_name}
+
     def binary(self, node: cst.BinaryOperation):
+        if isinstance(node.operator, cst.Multiply):
+            scaled = self._scaled(node)
+            if scaled is not None:
+                return scaled
         left, right = self.value(node.left), self.value(node.right)
         if isinstance(node.operator, cst.Multiply | cst.BitAnd):
             a, b = self._tokens(left), self._tokens(right)

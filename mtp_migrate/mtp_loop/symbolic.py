@@ -193,9 +193,20 @@ class Total:
 
 
 @dataclass(frozen=True)
+class HeadScale:
+    """A per-head number the ratio is multiplied by (``head_weights[k - 1] * ratio``, ``lam ** (k - 1)``), as
+    written: it reads only the loop variable and names from outside the loop. ``template`` is the product with
+    ``{}`` for the ratio, in the order written."""
+
+    node: cst.BaseExpression = field(compare=False)
+    template: str = "{}"
+
+
+@dataclass(frozen=True)
 class Ratio:
     numerator: Total
     denominator: Total
+    scale: HeadScale | None = None  # None: the ratio itself
 
 
 @dataclass(frozen=True)
