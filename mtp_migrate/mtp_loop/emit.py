@@ -47,6 +47,11 @@ def _fit(text: str, start: int, base: int, line_length: int, depth: int = 0) -> 
     if start + len(text) <= line_length:
         return text
     node = cst.parse_expression(text)
+    if m.matches(node, m.BinaryOperation(left=m.Call(args=[m.Arg(value=m.GeneratorExp())]))):
+        # `sum(term for k, loss in ...) / n`: the term and its `for` on lines of their own
+        generator, inner = node.left.args[0].value, "    " * (depth + 1)
+        return (f"{code(node.left.func)}(\n{inner}{code(generator.elt)}\n{inner}{code(generator.for_in).strip()}\n"
+                f"{'    ' * depth}){code(node)[len(code(node.left)):]}")
     if not isinstance(node, cst.Call) or not node.args:
         return text
     inner = "    " * (depth + 1)

@@ -277,7 +277,8 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
 def _check_liveness(analysis: Analysis, site: Site, spec) -> None:
     """Every name the site binds that is read later must be bound, to the same value, by the call."""
     inline = {a.accumulator for a in site.averages if a.inline is not None}
-    outputs = {spec.weighted_output, spec.unweighted_output, spec.head0_output} - {None} - inline
+    outputs = {spec.weighted_output, spec.unweighted_output, spec.head0_output,
+               *(scaled.output for scaled in spec.scaled_outputs)} - {None} - inline
     bound = set().union(*(binds(s) for s in site.statements))
     kept = set().union(*(binds(s) for s in site.kept)) if site.kept else set()
     point = locate(site.scope, site.block[site.start])
