@@ -13,7 +13,18 @@ import libcst.matchers as m
 from mtp_migrate.cst_utils import code, literal_int
 from mtp_migrate.mtp_loop.expressions import ExpressionEvaluator, _is_zero
 from mtp_migrate.mtp_loop.facts import Facts
-from mtp_migrate.mtp_loop.symbolic import Accumulation, CrossEntropy, Head0Metric, K, Lin, Outer, Ratio, Total
+from mtp_migrate.mtp_loop.symbolic import (
+    Accumulation,
+    CrossEntropy,
+    Head0Metric,
+    K,
+    Layout,
+    Lin,
+    Outer,
+    Ratio,
+    Total,
+    View,
+)
 from mtp_migrate.refusals import Code, Refusal
 
 
@@ -38,9 +49,11 @@ class LoopEvaluator(ExpressionEvaluator):
 
     # -- the loop header
     def _range(self, loop: cst.For) -> tuple[str, int, cst.BaseExpression]:
+        if loop.orelse is None and self._unbound_heads(loop):
+            return self.loop_name, 1, self.head_count
         if not isinstance(loop.target, cst.Name) or loop.orelse is not None:
             raise Refusal(Code.LOOP_HEADER, "the head loop must be `for k in range(...)` without `else`")
-        heads = loop.iter
+        heads = self._range_name(loop.iter)
         # The same heads in a list, a tuple or the other order: only the sums' order can change.
         while m.matches(heads, m.Call(args=[m.Arg(keyword=None, star="")])) and self.qualified(heads.func) in (
                 {"builtins.list"}, {"builtins.tuple"}, {"builtins.reversed"}):
@@ -64,6 +77,42 @@ class LoopEvaluator(ExpressionEvaluator):
             self.head_offset = 1  # k = var + 1
             return loop.target.value, 1, self._count(args[-1])
         raise Refusal(Code.LOOP_HEADER, f"unsupported head range `{code(loop.iter)}`")
+
+    def _range_name(self, heads: cst.BaseExpression) -> cst.BaseExpression:
+        """``heads`` of ``heads = range(...)`` before the loop: that range, where what it reads is unchanged."""
+        if not isinstance(heads, cst.Name):
+            return heads
+        definition = self.facts.definition(heads.value)
+        if definition.kind != "statement" or not m.matches(definition.statement, m.SimpleStatementLine(
+                body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call())])):
+            return heads
+        value = definition.statement.body[0].value
+        if self.qualified(value.func) != {"builtins.range"} or m.findall(value, m.NamedExpr()) or \
+                not self.facts.same_value(value, definition.point):
+            return heads
+        return value
+
+    def _unbound_heads(self, loop: cst.For) -> bool:
+        """``for k, logits_k in enumerate(logits.unbind(2))``: the heads of the logits, ``k`` from 0 and
+        ``logits_k`` the whole of head ``k + 1`` (``unbind(dim=2)`` too). Binds the loop's state."""
+        pattern = m.Call(func=m.Name("enumerate"), args=[m.Arg(keyword=None, star="", value=m.Call(
+            func=m.Attribute(attr=m.Name("unbind")), args=[m.Arg(star="")]))])
+        if not m.matches(loop.target, m.Tuple(elements=[m.Element(m.Name()), m.Element(m.Name())])) or \
+                not m.matches(loop.iter, pattern) or self.qualified(loop.iter.func) != {"builtins.enumerate"}:
+            return False
+        unbind = loop.iter.args[0].value
+        (axis,) = unbind.args
+        if (axis.keyword is not None and axis.keyword.value != "dim") or literal_int(axis.value) != 2:
+            return False
+        number, tensor = (element.value.value for element in loop.target.elements)
+        logits = unbind.func.value
+        if number == tensor or self.index.reads(logits) & {number, tensor}:
+            return False
+        self.loop_name, self.head_offset = number, 1
+        self.head_count = cst.Subscript(cst.Attribute(logits, cst.Name("shape")),
+                                        [cst.SubscriptElement(cst.Index(cst.Integer("2")))])
+        self.env[tensor] = View(self._outer(logits), Lin(), None, Lin.of(K, 1, -1), Layout.HEAD_SLICE)
+        return True
 
     def _count(self, node: cst.BaseExpression) -> cst.BaseExpression:
         if isinstance(node, cst.NamedExpr):
