@@ -124,7 +124,13 @@ class LoopEvaluator(ExpressionEvaluator):
 
     # -- integer positions
     def run(self, body, guard: Total | None = None, top: bool = True) -> None:
-        for statement in body:
+        body = list(body)
+        for position, statement in enumerate(body):
+            skipped = self._skip_guard(statement)
+            if skipped is not None:  # `if mask_sum <= 0: continue`: the rest runs where the sum is > 0
+                if guard is not None:
+                    raise Refusal(Code.GUARD, "nested guards in the head loop")
+                return self.run(body[position + 1:], skipped, top=False)
             if isinstance(statement, cst.SimpleStatementLine):
                 for small in statement.body:
                     self.small_statement(small, guard, top)
@@ -213,7 +219,33 @@ class LoopEvaluator(ExpressionEvaluator):
             return self.head0_block(body, guard)
         raise Refusal(Code.STATEMENT, f"unsupported condition in the head loop: `{code(test)}`")
 
+    def _skip_guard(self, statement) -> Total | None:
+        """The sum of ``if not total > 0: continue``, or of ``if total <= 0: continue`` where the total is of 0/1
+        values (a NaN sum would pass ``<= 0`` and fail ``> 0``), else ``None``."""
+        if not m.matches(statement, m.If(orelse=None, body=m.IndentedBlock(body=[m.SimpleStatementLine(
+                body=[m.Continue()])]) | m.SimpleStatementSuite(body=[m.Continue()]))):
+            return None
+        test = statement.test
+        if m.matches(test, m.UnaryOperation(operator=m.Not())):
+            return self._guard_total(test.expression)
+        if not m.matches(test, m.Comparison(comparisons=[m.ComparisonTarget(operator=m.LessThanEqual())])) or \
+                not _is_zero(test.comparisons[0].comparator) or not self._mentions_loop(test.left):
+            return None
+        total = self._guard_total(test.with_changes(comparisons=[
+            test.comparisons[0].with_changes(operator=cst.GreaterThan())]))
+        if total is not None and not all(isinstance(f, View) and f.nonnegative for f in total.factors):
+            raise Refusal(Code.GUARD, f"`{code(test)}`: skipping the head where a sum is not > 0 differs from "
+                                      "`<= 0` where it is NaN, and its values are not provably 0 or 1")
+        return total
+
     def _guard_total(self, test) -> Total | None:
+        """The sum ``test`` requires to be positive: ``total > 0``, ``0 < total``, ``total.gt(0)``."""
+        if m.matches(test, m.Call(func=m.Attribute(attr=m.Name("gt")), args=[m.Arg(keyword=None, star="")])) and \
+                _is_zero(test.args[0].value):
+            test = cst.Comparison(test.func.value, [cst.ComparisonTarget(cst.GreaterThan(), test.args[0].value)])
+        if m.matches(test, m.Comparison(comparisons=[m.ComparisonTarget(operator=m.LessThan())])) and \
+                _is_zero(test.left):
+            test = cst.Comparison(test.comparisons[0].comparator, [cst.ComparisonTarget(cst.GreaterThan(), test.left)])
         if not m.matches(test, m.Comparison(comparisons=[m.ComparisonTarget(operator=m.GreaterThan())])):
             return None
         if not _is_zero(test.comparisons[0].comparator):
