@@ -201,6 +201,9 @@ class Classifier:
             raise Refusal(Code.LAYOUT, f"`{text}` is not [batch, S-k]: it regroups the tokens")
 
     def factor(self, view: View) -> Factor:
+        if view.ellipsis:
+            raise Refusal(Code.HEAD_INDEXING, f"`{view.base.text}[..., h, :]` indexes the axis before its last, "
+                                              "which is the heads' only for the 4-D logits")
         if not self._is_length(self._length(view)):
             raise Refusal(Code.POSITIONS, f"the slice of `{view.base.text}` does not cover the S-k positions of head k")
         start = self.resolve(view.start)

@@ -145,6 +145,11 @@ class ExpressionEvaluator:
     def subscript(self, node: cst.Subscript) -> View:
         base = self.value(node.value)
         elements = list(node.slice)
+        if isinstance(base, Outer) and m.matches(elements[0].slice, m.Index(value=m.Ellipsis())):
+            # logits[..., k - 1, :]: the head's [B, S, V] (the classifier admits it for the logits alone)
+            if len(elements) != 3 or not isinstance(elements[1].slice, cst.Index) or not _is_full(elements[2]):
+                raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
+            return View(base, Lin(), None, self.position(elements[1].slice.value), Layout.HEAD_SLICE, ellipsis=True)
         if isinstance(base, Outer):
             if len(elements) < 2 or not _is_full(elements[0]):
                 raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
@@ -158,7 +163,7 @@ class ExpressionEvaluator:
             # logits[:, :, k - 1][:, :valid_len]: positions after the head
             if len(elements) >= 2 and _is_full(elements[0]) and all(_is_full(e) for e in elements[2:]):
                 start, stop = self._positions(elements[1])
-                return View(base.base, start, stop, base.head, base.layout)
+                return View(base.base, start, stop, base.head, base.layout, ellipsis=base.ellipsis)
         raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
 
     def _positions(self, element: cst.SubscriptElement) -> tuple[Lin, Lin | None]:

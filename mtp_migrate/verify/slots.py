@@ -268,6 +268,12 @@ def _observe(node: cst.Name, parents, seen: dict) -> None:
         count = sum(1 for e in parent.slice if not m.matches(e.slice, m.Index(value=m.Ellipsis())))
         if any(m.matches(e.slice, m.Index(value=m.Ellipsis())) for e in parent.slice):
             count += 1
+            grand = parents.get(parent)
+            if isinstance(grand, cst.Subscript) and grand.value is parent:
+                # `w[..., 0][:, k:]`: what the first subscript leaves must take the second's elements
+                dropped = sum(1 for e in parent.slice if isinstance(e.slice, cst.Index) and not m.matches(
+                    e.slice, m.Index(value=m.Ellipsis())))
+                count = max(count, dropped + len(grand.slice))
         seen["rank"] = max(seen["rank"], count)
         return
     if isinstance(parent, cst.Arg) and parent.value is node:
