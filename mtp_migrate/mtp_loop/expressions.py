@@ -100,12 +100,25 @@ class ExpressionEvaluator:
             return Lin.of(Free(node.value)) if fact is None else fact
         if isinstance(node, cst.Call) and self.qualified(node.func) == {"builtins.int"} and len(node.args) == 1:
             return self.position(node.args[0].value)
+        if self._head_dimension(node):  # `head_logits.size(-1)`: an integer no fact names
+            return Lin.of(Free(code(node)))
         if not self._mentions_loop(node):
             dim = self.facts.dimension(node, self.facts.point)
             if dim is not None:
                 self.outer_names |= self.index.reads(node)
                 return Lin.of(dim)
         raise Refusal(Code.POSITIONS, f"cannot follow the index `{code(node)}`")
+
+    def _head_dimension(self, node: cst.BaseExpression) -> bool:
+        """``x.size(i)`` or ``x.shape[i]`` of a per-head view ``x`` of the loop."""
+        if m.matches(node, m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("size")), args=[m.Arg(keyword=None)])):
+            tensor, axis = node.func.value, node.args[0].value
+        elif m.matches(node, m.Subscript(value=m.Attribute(value=m.Name(), attr=m.Name("shape")),
+                                         slice=[m.SubscriptElement(m.Index())])):
+            tensor, axis = node.value.value, node.slice[0].slice.value
+        else:
+            return False
+        return isinstance(self.env.get(tensor.value), View) and literal_int(axis) is not None
 
     def _mentions_loop(self, node: cst.CSTNode) -> bool:
         return bool(self.index.reads(node) & (set(self.env) | {self.loop_name} | self.accumulators))
@@ -203,6 +216,9 @@ class ExpressionEvaluator:
         return self.method(node, method, receiver)
 
     def method(self, node: cst.Call, method: str, receiver):
+        if method in ("to", "type"):  # `.to(dtype)` with `dtype = logits.dtype` bound in the loop: that outer value
+            node = node.with_changes(args=[a.with_changes(value=self.env[a.value.value].node) if isinstance(
+                a.value, cst.Name) and isinstance(self.env.get(a.value.value), Outer) else a for a in node.args])
         args = list(node.args)
         if method == "sum":
             if args:
@@ -331,7 +347,10 @@ class ExpressionEvaluator:
             return Layout.FLAT, None
         if method in _FLATTEN and len(values) == 2 and layout in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT) and \
                 literal_int(values[0]) == -1:
-            self._outer(values[1])  # any other vocabulary size makes cross_entropy raise
+            try:  # any other vocabulary size makes cross_entropy raise
+                self.position(values[1])
+            except Refusal:
+                self._outer(values[1])
             return Layout.LOGITS_FLAT, None
         if method in _FLATTEN and len(values) == 2 and layout in (Layout.FLAT, Layout.GRID):
             shape = tuple(None if literal_int(v) == -1 else self.position(v) for v in values)
