@@ -74,25 +74,40 @@ def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | 
     return None
 
 
-def accumulator_init(statement: cst.BaseStatement, qualified) -> str | None:
-    """``name = 0 | 0.0 | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``: the name."""
+def accumulator_inits(statement: cst.BaseStatement, qualified) -> dict[str, cst.BaseExpression]:
+    """The names a statement sets to a zero, each with its zero: ``name = zero`` or, all zeros,
+    ``total, count = 0.0, 0``."""
     assigned = _assigned(statement)
-    if assigned is None:
-        return None
-    name, value = assigned
+    if assigned is not None:
+        name, value = assigned
+        return {name: value} if _is_zero_init(value, qualified) else {}
+    if not m.matches(statement, m.SimpleStatementLine(body=[m.Assign(
+            targets=[m.AssignTarget(m.Tuple())], value=m.Tuple())])):
+        return {}
+    targets, values = statement.body[0].targets[0].target.elements, statement.body[0].value.elements
+    if len(targets) != len(values) or any(not isinstance(t.value, cst.Name) or isinstance(t, cst.StarredElement)
+                                          or isinstance(v, cst.StarredElement) for t, v in zip(targets, values,
+                                                                                               strict=True)):
+        return {}
+    zeros = {t.value.value: v.value for t, v in zip(targets, values, strict=True)}
+    if len(zeros) != len(targets) or not all(_is_zero_init(v, qualified) for v in zeros.values()):
+        return {}
+    return zeros
+
+
+def _is_zero_init(value: cst.BaseExpression, qualified) -> bool:
+    """``0 | 0.0 | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``."""
     if literal_number(value) == 0:
-        return name
+        return True
     if not isinstance(value, cst.Call) or not value.args or value.args[0].keyword is not None:
-        return None
+        return False
     first = value.args[0].value
     empty_shape = m.matches(first, m.Tuple(elements=[]) | m.List(elements=[]))
     callee = qualified(value.func)
     method = value.func.attr.value if isinstance(value.func, cst.Attribute) else None
     if (callee & {"torch.tensor", "torch.scalar_tensor"} or method == "new_tensor") and literal_number(first) == 0:
-        return name
-    if (callee == {"torch.zeros"} or method == "new_zeros") and empty_shape:
-        return name
-    return None
+        return True
+    return bool((callee == {"torch.zeros"} or method == "new_zeros") and empty_shape)
 
 
 def _accumulated(statement: cst.BaseStatement) -> set[str]:
@@ -226,10 +241,12 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     if not loop_writes:
         raise Refusal(Code.ACCUMULATOR, "the loop accumulates into no local variable (`name += ...`)")
     inits: dict[str, int] = {}
+    zeros: dict[str, cst.BaseExpression] = {}
     for position in range(loop_index - 1, -1, -1):
-        name = accumulator_init(block[position], qualified)
-        if name in loop_writes and name not in inits:
-            inits[name] = position
+        found = accumulator_inits(block[position], qualified)
+        if found and set(found) <= loop_writes - set(inits):
+            inits.update((name, position) for name in found)
+            zeros.update(found)
         elif binds(block[position]) & (loop_writes - set(inits)) or index.reads(block[position]) & (
                 loop_writes - set(inits)):
             break
@@ -247,11 +264,12 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     ev = evaluate(loop, set(inits), facts)
     for metric in ev.head0:  # its zero default before the loop belongs to the site
         default = next((i for i in range(loop_index - 1, -1, -1)
-                        if accumulator_init(block[i], qualified) == metric.name), None)
+                        if set(accumulator_inits(block[i], qualified)) == {metric.name}), None)
         if default is None:
             raise Refusal(Code.HEAD0_METRIC, f"the head-0 metric `{metric.name}` has no zero default before the "
                                              "loop")
         inits[metric.name] = default
+        zeros[metric.name] = _assigned(block[default])[1]
     counters = {a.name for a in ev.accumulations if a.value == 1}
     if any(isinstance(a.value, Ratio) for a in ev.accumulations if a.name in counters):
         raise Refusal(Code.ACCUMULATOR, "a name is both a head counter and a loss accumulator")
@@ -260,7 +278,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
         for f in a.value.numerator.factors))
     start = min(inits.values())
     temporaries = _temporaries(analysis, site.scope, loop, ev)
-    site = replace(site, start=start, init_indices=tuple(sorted(inits.values())), rho1_style=rho1_style,
+    site = replace(site, start=start, init_indices=tuple(sorted(set(inits.values()))), rho1_style=rho1_style,
                    temporaries=temporaries)
     progress.append(site)
     averages, stop = _averages(block, loop_index, ev, set(inits) - counters - {h.name for h in ev.head0},
@@ -268,7 +286,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     positions = analysis.positions
     site = replace(site, averages=tuple(averages), stop=stop,
                    span=(positions[block[start]].start.line, positions[block[stop - 1]].end.line))
-    spec = classify(ev, averages, counters, {name: _assigned(block[i])[1] for name, i in inits.items()})
+    spec = classify(ev, averages, counters, zeros)
     _check_liveness(analysis, site, spec)
     return replace(site, spec=spec,
                    rho1_style=rho1_style or spec.normalize == "weights" or spec.head_average == "valid")
