@@ -57,6 +57,8 @@ def candidates(slot) -> list:
             options = [*TENSOR_KINDS, *(f"{kind}@{PER_HEAD}" for kind in WEIGHT_KINDS)]
         else:
             options = list(TENSOR_KINDS)
+    elif slot.kind == "sized":
+        options = [length for length in SCALARS if length[0] != "const"]
     elif slot.kind == "dtype":
         options = list(DTYPES)
     elif slot.kind == "device":

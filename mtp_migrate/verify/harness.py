@@ -35,7 +35,7 @@ class Input:
 
     param: str
     path: str
-    kind: str  # "tensor", "scalar", "dtype", "device"
+    kind: str  # "tensor", "scalar", "dtype", "device", "sized" (a collection whose length is read)
     rank: int | None = None
 
 
@@ -87,6 +87,9 @@ def make_inputs(case: Case, inputs) -> dict:
         if slot.kind == "scalar":
             kind, offset = choice
             arguments[slot.param] = offset if kind == "const" else case.shape[kind] + offset
+        elif slot.kind == "sized":  # a list of that length (`model.heads`)
+            kind, offset = choice
+            arguments[slot.param] = [None] * (case.shape[kind] + offset)
         elif slot.kind == "device":
             arguments[slot.param] = torch.device(choice)
         elif slot.kind == "dtype":
