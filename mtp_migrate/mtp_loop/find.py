@@ -143,8 +143,25 @@ def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
     return f"`{code(node)}`"
 
 
+def _reciprocal(node: cst.BaseExpression) -> cst.BaseExpression | None:
+    """``n`` of ``1.0 / n`` (or ``1 / n``): ``acc * (1.0 / n)`` averages as ``acc / n`` does."""
+    if m.matches(node, m.BinaryOperation(operator=m.Divide())) and literal_number(node.left) == 1:
+        return node.right
+    return None
+
+
+def _averaged(node: cst.BaseExpression) -> tuple[str, cst.BaseExpression] | None:
+    """``(acc, divisor)`` of ``acc / divisor`` or ``acc * (1.0 / divisor)``."""
+    if not m.matches(node, m.BinaryOperation(left=m.Name())):
+        return None
+    if isinstance(node.operator, cst.Divide):
+        return node.left.value, node.right
+    reciprocal = _reciprocal(node.right) if isinstance(node.operator, cst.Multiply) else None
+    return None if reciprocal is None else (node.left.value, reciprocal)
+
+
 class _Inline(cst.CSTTransformer):
-    """Replace ``acc / divisor`` by ``acc`` for the accumulators in ``targets``."""
+    """Replace ``acc / divisor`` (or ``acc * (1.0 / divisor)``) by ``acc`` for the accumulators in ``targets``."""
 
     def __init__(self, targets: set[str], ev: LoopEvaluator, qualified):
         self.targets = targets
@@ -153,10 +170,10 @@ class _Inline(cst.CSTTransformer):
         self.divisors: dict[str, set[str]] = {}
 
     def leave_BinaryOperation(self, original, updated):
-        if isinstance(original.operator, cst.Divide) and m.matches(original.left, m.Name()) and \
-                original.left.value in self.targets:
-            name = original.left.value
-            self.divisors.setdefault(name, set()).add(_divisor(original.right, self.ev, self.qualified))
+        averaged = _averaged(original)
+        if averaged is not None and averaged[0] in self.targets:
+            name, divisor = averaged
+            self.divisors.setdefault(name, set()).add(_divisor(divisor, self.ev, self.qualified))
             return cst.Name(name, lpar=updated.lpar, rpar=updated.rpar)
         return updated
 
@@ -171,7 +188,7 @@ def _inline_use(statement, targets: set[str], ev, qualified, index) -> tuple[cst
     used = index.reads(small) & targets
     if not used or binds(small) & targets:
         return None
-    divided = {id(node.left) for node in m.findall(small, m.BinaryOperation(operator=m.Divide(), left=m.Name()))}
+    divided = {id(node.left) for node in m.findall(small, m.BinaryOperation(left=m.Name())) if _averaged(node)}
     if any(id(name) not in divided for name in m.findall(small, m.Name()) if name.value in used):
         return None  # the sum itself is used too
     transformer = _Inline(used, ev, qualified)
@@ -190,17 +207,19 @@ def _averages(block, loop_index, ev: LoopEvaluator, targets: set[str], qualified
         statement = block[position]
         small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1 \
             else None
-        if isinstance(small, cst.AugAssign) and isinstance(small.operator, cst.DivideAssign) and \
-                m.matches(small.target, m.Name()) and small.target.value in pending:
+        in_place = None
+        if isinstance(small, cst.AugAssign) and m.matches(small.target, m.Name()):
+            in_place = small.value if isinstance(small.operator, cst.DivideAssign) else \
+                _reciprocal(small.value) if isinstance(small.operator, cst.MultiplyAssign) else None
+        averaged = _averaged(small.value) if m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())])) else None
+        if in_place is not None and small.target.value in pending:
             name = small.target.value
-            averages.append(Average(name, name, _divisor(small.value, ev, qualified), position, in_place=True))
+            averages.append(Average(name, name, _divisor(in_place, ev, qualified), position, in_place=True))
             pending.discard(name)
-        elif m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())],
-                                       value=m.BinaryOperation(operator=m.Divide(), left=m.Name()))) and \
-                small.value.left.value in pending and small.value.left.value not in index.reads(small.value.right):
-            name = small.value.left.value
-            averages.append(Average(name, small.targets[0].target.value,
-                                    _divisor(small.value.right, ev, qualified), position))
+        elif averaged is not None and averaged[0] in pending and averaged[0] not in index.reads(averaged[1]):
+            name = averaged[0]
+            averages.append(Average(name, small.targets[0].target.value, _divisor(averaged[1], ev, qualified),
+                                    position))
             pending.discard(name)
         else:
             inline = _inline_use(statement, pending, ev, qualified, index)
