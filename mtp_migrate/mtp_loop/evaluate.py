@@ -31,8 +31,9 @@ from mtp_migrate.refusals import Code, Refusal
 class LoopEvaluator(ExpressionEvaluator):
     """Walks ``for k in range(...)`` once, symbolically, collecting what it accumulates."""
 
-    def __init__(self, loop: cst.For, accumulators: set[str], facts: Facts):
+    def __init__(self, loop: cst.For, accumulators: set[str], facts: Facts, lists: set[str]):
         self.facts = facts
+        self.lists = lists  # accumulators that start as `[]`: appended to, and summed after the loop
         self.qualified = facts.qualified
         self.index = facts.index
         self.accumulators = accumulators
@@ -146,6 +147,8 @@ class LoopEvaluator(ExpressionEvaluator):
             if small.value is None:
                 return
             if name in self.accumulators:
+                if name in self.lists:
+                    raise Refusal(Code.ACCUMULATOR, f"the list `{name}` is rebound in the loop, not appended to")
                 if not (isinstance(small, cst.Assign) and isinstance(small.value, cst.BinaryOperation)
                         and isinstance(small.value.operator, cst.Add)):
                     raise Refusal(Code.ACCUMULATOR, f"`{name}` is reassigned inside the loop")
@@ -165,15 +168,31 @@ class LoopEvaluator(ExpressionEvaluator):
             if top and guard is None and not isinstance(value, Lin | Outer):
                 self.top_level.append(name)
             return None
+        if m.matches(small, m.Expr(m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("append")),
+                                          args=[m.Arg(keyword=None, star="")]))) and \
+                small.value.func.value.value in self.accumulators:
+            name = small.value.func.value.value
+            if name not in self.lists or name in self.index.reads(small.value.args[0].value):
+                raise Refusal(Code.ACCUMULATOR, f"`{code(small).strip()}` is not an append to a list that starts empty")
+            try:
+                appended = self.value(small.value.args[0].value)
+            except Refusal:
+                appended = None
+            if not isinstance(appended, Ratio):  # a per-head tensor kept, not a loss summed
+                return self._used_elsewhere(small)
+            return self.accumulate(name, small.value.args[0].value, guard, small)
         if isinstance(small, cst.AugAssign) and isinstance(small.target, cst.Name) and \
                 small.target.value in self.accumulators:
-            if not isinstance(small.operator, cst.AddAssign):
+            if small.target.value in self.lists or not isinstance(small.operator, cst.AddAssign):
                 raise Refusal(Code.ACCUMULATOR, f"`{code(small).strip()}` is not a sum over heads")
             if small.target.value in self.index.reads(small.value):
                 raise Refusal(Code.ACCUMULATOR, f"`{code(small).strip()}` reads its own accumulator")
             return self.accumulate(small.target.value, small.value, guard, small)
         if isinstance(small, cst.Del | cst.Pass) or (isinstance(small, cst.Assert) and self._shape_only(small)):
             return None  # an assert on shapes checks what the utility checks; `python -O` drops it too
+        return self._used_elsewhere(small)
+
+    def _used_elsewhere(self, small) -> None:
         text = code(small).strip()
         used = sorted(self.index.reads(small) & set(self.env))
         if used:
@@ -315,8 +334,8 @@ class LoopEvaluator(ExpressionEvaluator):
                 self.env[name] = result
 
 
-def evaluate(loop: cst.For, accumulators: set[str], facts: Facts) -> LoopEvaluator:
-    evaluator = LoopEvaluator(loop, accumulators, facts)
+def evaluate(loop: cst.For, accumulators: set[str], facts: Facts, lists: set[str]) -> LoopEvaluator:
+    evaluator = LoopEvaluator(loop, accumulators, facts, lists)
     evaluator.run(list(loop.body.body))
     return evaluator
 

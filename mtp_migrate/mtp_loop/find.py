@@ -76,7 +76,7 @@ def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | 
 
 def accumulator_inits(statement: cst.BaseStatement, qualified) -> dict[str, cst.BaseExpression]:
     """The names a statement sets to a zero, each with its zero: ``name = zero`` or, all zeros,
-    ``total, count = 0.0, 0``."""
+    ``total, count = 0.0, 0``; an empty list (``losses = []``) is the zero of a list summed after the loop."""
     assigned = _assigned(statement)
     if assigned is not None:
         name, value = assigned
@@ -96,8 +96,8 @@ def accumulator_inits(statement: cst.BaseStatement, qualified) -> dict[str, cst.
 
 
 def _is_zero_init(value: cst.BaseExpression, qualified) -> bool:
-    """``0 | 0.0 | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``."""
-    if literal_number(value) == 0:
+    """``0 | 0.0 | [] | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``."""
+    if literal_number(value) == 0 or m.matches(value, m.List(elements=[])):
         return True
     if not isinstance(value, cst.Call) or not value.args or value.args[0].keyword is not None:
         return False
@@ -111,8 +111,10 @@ def _is_zero_init(value: cst.BaseExpression, qualified) -> bool:
 
 
 def _accumulated(statement: cst.BaseStatement) -> set[str]:
-    """Names a loop body statement adds to (``x += ...``, ``x = x + ...``), at any depth of ``if``."""
-    names = set()
+    """Names a loop body statement adds to (``x += ...``, ``x = x + ...``, ``x.append(...)``), at any depth
+    of ``if``."""
+    names = {node.func.value.value for node in m.findall(statement, m.Call(func=m.Attribute(
+        value=m.Name(), attr=m.Name("append"))))}
     for node in m.findall(statement, m.AugAssign(target=m.Name())):
         names.add(node.target.value)
     for node in m.findall(statement, m.Assign(targets=[m.AssignTarget(m.Name())],
@@ -150,14 +152,28 @@ def _reciprocal(node: cst.BaseExpression) -> cst.BaseExpression | None:
     return None
 
 
-def _averaged(node: cst.BaseExpression) -> tuple[str, cst.BaseExpression] | None:
-    """``(acc, divisor)`` of ``acc / divisor`` or ``acc * (1.0 / divisor)``."""
-    if not m.matches(node, m.BinaryOperation(left=m.Name())):
+def _averaged(node: cst.BaseExpression, ev: LoopEvaluator) -> tuple[str, cst.BaseExpression] | None:
+    """``(acc, divisor)`` of ``acc / divisor`` or ``acc * (1.0 / divisor)``, with ``sum(acc)`` for an
+    accumulator the loop appends to."""
+    if not isinstance(node, cst.BinaryOperation):
+        return None
+    read = _read_sum(node.left, ev)
+    if read is None:
         return None
     if isinstance(node.operator, cst.Divide):
-        return node.left.value, node.right
+        return read.value, node.right
     reciprocal = _reciprocal(node.right) if isinstance(node.operator, cst.Multiply) else None
-    return None if reciprocal is None else (node.left.value, reciprocal)
+    return None if reciprocal is None else (read.value, reciprocal)
+
+
+def _read_sum(node: cst.BaseExpression, ev: LoopEvaluator) -> cst.Name | None:
+    """The accumulator ``node`` reads as its sum: ``acc``, or ``sum(acc)`` of a list the loop appends to."""
+    if isinstance(node, cst.Name):
+        return None if node.value in ev.lists else node
+    if m.matches(node, m.Call(args=[m.Arg(keyword=None, star="", value=m.Name())])) and \
+            ev.qualified(node.func) == {"builtins.sum"} and node.args[0].value.value in ev.lists:
+        return node.args[0].value
+    return None
 
 
 class _Inline(cst.CSTTransformer):
@@ -170,7 +186,7 @@ class _Inline(cst.CSTTransformer):
         self.divisors: dict[str, set[str]] = {}
 
     def leave_BinaryOperation(self, original, updated):
-        averaged = _averaged(original)
+        averaged = _averaged(original, self.ev)
         if averaged is not None and averaged[0] in self.targets:
             name, divisor = averaged
             self.divisors.setdefault(name, set()).add(_divisor(divisor, self.ev, self.qualified))
@@ -188,7 +204,7 @@ def _inline_use(statement, targets: set[str], ev, qualified, index) -> tuple[cst
     used = index.reads(small) & targets
     if not used or binds(small) & targets:
         return None
-    divided = {id(node.left) for node in m.findall(small, m.BinaryOperation(left=m.Name())) if _averaged(node)}
+    divided = {id(_read_sum(node.left, ev)) for node in m.findall(small, m.BinaryOperation()) if _averaged(node, ev)}
     if any(id(name) not in divided for name in m.findall(small, m.Name()) if name.value in used):
         return None  # the sum itself is used too
     transformer = _Inline(used, ev, qualified)
@@ -211,8 +227,9 @@ def _averages(block, loop_index, ev: LoopEvaluator, targets: set[str], qualified
         if isinstance(small, cst.AugAssign) and m.matches(small.target, m.Name()):
             in_place = small.value if isinstance(small.operator, cst.DivideAssign) else \
                 _reciprocal(small.value) if isinstance(small.operator, cst.MultiplyAssign) else None
-        averaged = _averaged(small.value) if m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())])) else None
-        if in_place is not None and small.target.value in pending:
+        averaged = _averaged(small.value, ev) if m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())])) \
+            else None
+        if in_place is not None and small.target.value in pending and small.target.value not in ev.lists:
             name = small.target.value
             averages.append(Average(name, name, _divisor(in_place, ev, qualified), position, in_place=True))
             pending.discard(name)
@@ -280,7 +297,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
                                             "initialisation and the loop")
     point = locate(site.scope, loop)
     facts = Facts(index, point, qualified)
-    ev = evaluate(loop, set(inits), facts)
+    ev = evaluate(loop, set(inits), facts, {name for name, zero in zeros.items() if isinstance(zero, cst.List)})
     for metric in ev.head0:  # its zero default before the loop belongs to the site
         default = next((i for i in range(loop_index - 1, -1, -1)
                         if set(accumulator_inits(block[i], qualified)) == {metric.name}), None)
