@@ -18,7 +18,7 @@ import libcst.matchers as m
 from mtp_migrate.cst_utils import code, literal_number
 from mtp_migrate.mtp_loop.dtypes import FLOAT64, OF_CROSS_ENTROPY, DType, Promotion
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator
-from mtp_migrate.mtp_loop.results import accumulator_result, head0_result
+from mtp_migrate.mtp_loop.results import accumulator_result, head0_result, zero_dtypes
 from mtp_migrate.mtp_loop.spec import Average, LoopSpec, Result, ScaledOutput
 from mtp_migrate.mtp_loop.symbolic import (
     LENGTH,
@@ -340,6 +340,8 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
             else:
                 unweighted_ratio = only
     for r in scaled:
+        if by_name[r.name][0].where:
+            raise Refusal(Code.GUARD, f"`{r.name}` adds a scaled `torch.where(...)` on every head")
         if not r.plain or r.denominator != mask:
             raise Refusal(Code.MASK_AND_WEIGHTS, f"`{r.name}` scales a per-head loss that is not the call's "
                                                  "per_head_ce_loss (an unweighted mean over the call's mask)")
@@ -392,6 +394,9 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
     for kind, r in (("weighted", weighted_ratio), ("unweighted", unweighted_ratio)):
         if r is not None:
             (accumulation,) = by_name[r.name]
+            if accumulation.where and zero_dtypes(inits[r.name], ev.qualified) is None:
+                raise Refusal(Code.GUARD, f"`{r.name}` adds `torch.where(...)` on every head, a tensor even where "
+                                          "no head has tokens: start it at a tensor zero to migrate")
             results[kind] = accumulator_result(inits[r.name], accumulation, average[r.name],
                                                classifier.dtypes(accumulation.value), counts[kind], ev.qualified)
     scaled_outputs = tuple(_scaled_output(ev, r, inits[r.name], average[r.name],

@@ -216,6 +216,13 @@ class LoopEvaluator(ExpressionEvaluator):
         return None
 
     def accumulate(self, name: str, node, guard, small) -> None:
+        where = self.where_guarded(node)
+        if where is not None:
+            if guard is not None:
+                raise Refusal(Code.GUARD, "nested guards in the head loop")
+            value, guard = where
+            self.accumulations.append(Accumulation(name, value, guard, small, where=True))
+            return
         if literal_int(node) == 1:
             value = 1
         else:

@@ -38,6 +38,7 @@ CROSS_ENTROPY = "torch.nn.functional.cross_entropy"
 NLL_LOSS = "torch.nn.functional.nll_loss"
 LOG_SOFTMAX = {"torch.nn.functional.log_softmax", "torch.log_softmax"}
 TORCH_SUM = "torch.sum"
+TORCH_WHERE = "torch.where"
 _ARITHMETIC_METHODS = {"mul": cst.Multiply, "multiply": cst.Multiply, "div": cst.Divide, "divide": cst.Divide,
                        "true_divide": cst.Divide}
 FLOAT_DTYPES = {f"torch.{name}" for name in ("float", "float32", "float64", "double", "float16", "half", "bfloat16")}
@@ -204,6 +205,8 @@ class ExpressionEvaluator:
             found = ", ".join(sorted(names)) or code(node.func)
             raise Refusal(Code.NOT_TORCH_CROSS_ENTROPY,
                           f"`{code(node.func)}` is {found}, not torch.nn.functional.cross_entropy")
+        if names == {TORCH_WHERE}:
+            return self._safe_denominator(node)
         if names == {TORCH_SUM}:
             if len(node.args) != 1 or node.args[0].keyword is not None:
                 raise Refusal(Code.REDUCTION, f"a different reduction: `{code(node)}`")
@@ -498,6 +501,38 @@ class ExpressionEvaluator:
                 text = code(scale) if not isinstance(scale, cst.BinaryOperation) or scale.lpar else f"({code(scale)})"
                 return Ratio(value.numerator, value.denominator, HeadScale(scale, template.format(scale=text)))
         return None
+
+    def _where_arguments(self, node: cst.Call) -> tuple[Total, cst.BaseExpression, cst.BaseExpression]:
+        """``(sum, chosen, other)`` of ``torch.where(sum > 0, chosen, other)``, or a refusal."""
+        if len(node.args) != 3 or any(a.keyword is not None or a.star for a in node.args):
+            raise Refusal(Code.GUARD, f"unsupported `{code(node)}`")
+        condition, chosen, other = (a.value for a in node.args)
+        total = self._guard_total(condition)
+        if total is None:
+            raise Refusal(Code.GUARD, f"`{code(node)}` selects on something other than a sum being > 0")
+        return total, chosen, other
+
+    def _safe_denominator(self, node: cst.Call) -> Total:
+        """``torch.where(d > 0, d, 1)``: the sum ``d``, made safe to divide by where it is not > 0."""
+        total, chosen, other = self._where_arguments(node)
+        value = self.value(chosen)
+        if not isinstance(value, Total) or value.factors != total.factors or literal_number(other) in (None, 0):
+            raise Refusal(Code.GUARD, f"`{code(node)}` is not `torch.where(d > 0, d, 1)` of a sum d")
+        return Total(value.factors, value.shape_checks, safe=True)
+
+    def where_guarded(self, node: cst.BaseExpression) -> tuple[Ratio, Total] | None:
+        """``(ratio, guard)`` of ``torch.where(d > 0, n / safe_d, 0)``, a refusal for the single-``where`` form
+        (its unselected ``n / d`` gives NaN gradients where d is 0), ``None`` if not a ``torch.where``."""
+        if not isinstance(node, cst.Call) or self.qualified(node.func) != {TORCH_WHERE}:
+            return None
+        total, chosen, other = self._where_arguments(node)
+        ratio = self.value(chosen)
+        if not isinstance(ratio, Ratio) or not _is_zero(other):
+            raise Refusal(Code.GUARD, f"`{code(node)}` is not `torch.where(d > 0, ratio, 0)`")
+        if not ratio.denominator.safe:
+            raise Refusal(Code.GUARD, f"`{code(node)}` divides by the sum where it is 0 too: the unselected "
+                                      "division's gradient is NaN (divide by `torch.where(d > 0, d, 1)`)")
+        return ratio, total
 
     def _outer_names_of(self, node: cst.BaseExpression) -> None:
         """Record the outside names a head scale reads (the loop must not rebind them)."""

@@ -187,10 +187,12 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Total:
-    """``Tokens(...).sum()``."""
+    """``Tokens(...).sum()``; ``safe``: replaced where it is not > 0 (``torch.where(d > 0, d, 1)``), so a
+    division by it has finite gradients on a head without tokens."""
 
     factors: tuple
     shape_checks: tuple = ()
+    safe: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,7 @@ class Accumulation:
     value: Ratio | int  # a ratio, or 1 for a head counter
     guard: Total | None
     node: cst.CSTNode = field(compare=False, default=None)
+    where: bool = False  # guarded by `torch.where(guard > 0, ratio, 0)`: a tensor is added on every head
 
 
 @dataclass(frozen=True)
