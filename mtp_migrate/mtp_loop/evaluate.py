@@ -199,13 +199,22 @@ class LoopEvaluator(ExpressionEvaluator):
             raise Refusal(Code.PER_HEAD_VALUE_USED, f"per-head value `{used[0]}` is used elsewhere: `{text}`")
         raise Refusal(Code.STATEMENT, f"statement with effects the rewrite would drop: `{text}`")
 
-    def _shape_only(self, node: cst.CSTNode) -> bool:
-        """An assertion that reads shapes, dtypes and numbers only: no call but ``size``, ``dim``, ``len``..."""
+    def _shape_only(self, node: cst.Assert) -> bool:
+        """An assertion on shapes: no call but ``size``, ``dim``, ``numel`` and ``len``, and every per-head
+        value read only through its shape (``ce.shape``, ``ce.size(0)``, ``len(ce)``), never its values."""
         for call in m.findall(node, m.Call()):
             if not (m.matches(call.func, m.Attribute(attr=m.Name("size") | m.Name("dim") | m.Name("numel")))
-                    or self.qualified(call.func) & {"builtins.len", "builtins.isinstance"}):
+                    or self.qualified(call.func) == {"builtins.len"}):
                 return False
-        return not m.findall(node, m.Await() | m.Yield() | m.NamedExpr() | m.Lambda())
+        if m.findall(node, m.Await() | m.Yield() | m.NamedExpr() | m.Lambda()):
+            return False
+        shape_of = m.Attribute(value=m.Name(), attr=m.Name("shape") | m.Name("ndim") | m.Name("size") | m.Name(
+            "dim") | m.Name("numel"))
+        through_shape = {id(a.value) for a in m.findall(node, shape_of)}
+        through_shape |= {id(c.args[0].value) for c in m.findall(node, m.Call(func=m.Name("len"), args=[m.Arg(
+            m.Name())]))}
+        per_head = set(self.env) | self.accumulators | {self.loop_name}
+        return all(id(name) in through_shape for name in m.findall(node, m.Name()) if name.value in per_head)
 
     @staticmethod
     def _single_name(small) -> str | None:
