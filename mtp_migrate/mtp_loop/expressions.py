@@ -21,6 +21,7 @@ from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, D
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
     Free,
+    HeadScale,
     K,
     Layout,
     Lin,
@@ -37,6 +38,7 @@ CROSS_ENTROPY = "torch.nn.functional.cross_entropy"
 NLL_LOSS = "torch.nn.functional.nll_loss"
 LOG_SOFTMAX = {"torch.nn.functional.log_softmax", "torch.log_softmax"}
 TORCH_SUM = "torch.sum"
+TORCH_WHERE = "torch.where"
 _ARITHMETIC_METHODS = {"mul": cst.Multiply, "multiply": cst.Multiply, "div": cst.Divide, "divide": cst.Divide,
                        "true_divide": cst.Divide}
 FLOAT_DTYPES = {f"torch.{name}" for name in ("float", "float32", "float64", "double", "float16", "half", "bfloat16")}
@@ -47,6 +49,7 @@ _COMPARE_METHODS = {"ne": "!=", "eq": "==", "gt": ">", "ge": ">=", "lt": "<", "l
 _COMPARE_OPERATORS = {cst.NotEqual: "!=", cst.Equal: "==", cst.GreaterThan: ">", cst.GreaterThanEqual: ">=",
                       cst.LessThan: "<", cst.LessThanEqual: "<="}
 _FLATTEN = ("reshape", "view")
+_SCALE_OPERATORS = (cst.Add, cst.Subtract, cst.Multiply, cst.Divide, cst.Power)
 
 
 def _compare(operator: str, operand: str) -> Op:
@@ -98,12 +101,25 @@ class ExpressionEvaluator:
             return Lin.of(Free(node.value)) if fact is None else fact
         if isinstance(node, cst.Call) and self.qualified(node.func) == {"builtins.int"} and len(node.args) == 1:
             return self.position(node.args[0].value)
+        if self._head_dimension(node):  # `head_logits.size(-1)`: an integer no fact names
+            return Lin.of(Free(code(node)))
         if not self._mentions_loop(node):
             dim = self.facts.dimension(node, self.facts.point)
             if dim is not None:
                 self.outer_names |= self.index.reads(node)
                 return Lin.of(dim)
         raise Refusal(Code.POSITIONS, f"cannot follow the index `{code(node)}`")
+
+    def _head_dimension(self, node: cst.BaseExpression) -> bool:
+        """``x.size(i)`` or ``x.shape[i]`` of a per-head view ``x`` of the loop."""
+        if m.matches(node, m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("size")), args=[m.Arg(keyword=None)])):
+            tensor, axis = node.func.value, node.args[0].value
+        elif m.matches(node, m.Subscript(value=m.Attribute(value=m.Name(), attr=m.Name("shape")),
+                                         slice=[m.SubscriptElement(m.Index())])):
+            tensor, axis = node.value.value, node.slice[0].slice.value
+        else:
+            return False
+        return isinstance(self.env.get(tensor.value), View) and literal_int(axis) is not None
 
     def _mentions_loop(self, node: cst.CSTNode) -> bool:
         return bool(self.index.reads(node) & (set(self.env) | {self.loop_name} | self.accumulators))
@@ -143,6 +159,11 @@ class ExpressionEvaluator:
     def subscript(self, node: cst.Subscript) -> View:
         base = self.value(node.value)
         elements = list(node.slice)
+        if isinstance(base, Outer) and m.matches(elements[0].slice, m.Index(value=m.Ellipsis())):
+            # logits[..., k - 1, :]: the head's [B, S, V] (the classifier admits it for the logits alone)
+            if len(elements) != 3 or not isinstance(elements[1].slice, cst.Index) or not _is_full(elements[2]):
+                raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
+            return View(base, Lin(), None, self.position(elements[1].slice.value), Layout.HEAD_SLICE, ellipsis=True)
         if isinstance(base, Outer):
             if len(elements) < 2 or not _is_full(elements[0]):
                 raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
@@ -156,7 +177,7 @@ class ExpressionEvaluator:
             # logits[:, :, k - 1][:, :valid_len]: positions after the head
             if len(elements) >= 2 and _is_full(elements[0]) and all(_is_full(e) for e in elements[2:]):
                 start, stop = self._positions(elements[1])
-                return View(base.base, start, stop, base.head, base.layout)
+                return View(base.base, start, stop, base.head, base.layout, ellipsis=base.ellipsis)
         raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
 
     def _positions(self, element: cst.SubscriptElement) -> tuple[Lin, Lin | None]:
@@ -184,6 +205,8 @@ class ExpressionEvaluator:
             found = ", ".join(sorted(names)) or code(node.func)
             raise Refusal(Code.NOT_TORCH_CROSS_ENTROPY,
                           f"`{code(node.func)}` is {found}, not torch.nn.functional.cross_entropy")
+        if names == {TORCH_WHERE}:
+            return self._safe_denominator(node)
         if names == {TORCH_SUM}:
             if len(node.args) != 1 or node.args[0].keyword is not None:
                 raise Refusal(Code.REDUCTION, f"a different reduction: `{code(node)}`")
@@ -196,6 +219,9 @@ class ExpressionEvaluator:
         return self.method(node, method, receiver)
 
     def method(self, node: cst.Call, method: str, receiver):
+        if method in ("to", "type"):  # `.to(dtype)` with `dtype = logits.dtype` bound in the loop: that outer value
+            node = node.with_changes(args=[a.with_changes(value=self.env[a.value.value].node) if isinstance(
+                a.value, cst.Name) and isinstance(self.env.get(a.value.value), Outer) else a for a in node.args])
         args = list(node.args)
         if method == "sum":
             if args:
@@ -324,7 +350,10 @@ class ExpressionEvaluator:
             return Layout.FLAT, None
         if method in _FLATTEN and len(values) == 2 and layout in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT) and \
                 literal_int(values[0]) == -1:
-            self._outer(values[1])  # any other vocabulary size makes cross_entropy raise
+            try:  # any other vocabulary size makes cross_entropy raise
+                self.position(values[1])
+            except Refusal:
+                self._outer(values[1])
             return Layout.LOGITS_FLAT, None
         if method in _FLATTEN and len(values) == 2 and layout in (Layout.FLAT, Layout.GRID):
             shape = tuple(None if literal_int(v) == -1 else self.position(v) for v in values)
@@ -443,7 +472,77 @@ class ExpressionEvaluator:
         tokens = self._tokens(value)
         return tokens.factors, tokens.shape_checks
 
+    def _is_head_scale(self, node: cst.BaseExpression) -> bool:
+        """A number of the head alone: literals, the loop variable and outside names combined by arithmetic and
+        ``[index]``, with no call (the rewrite evaluates it again, for every head)."""
+        if self.index.reads(node) & (set(self.env) | self.accumulators):
+            return False
+        if isinstance(node, cst.Name | cst.Integer | cst.Float):
+            return True
+        if isinstance(node, cst.Attribute):
+            return self._is_head_scale(node.value)
+        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Minus | cst.Plus):
+            return self._is_head_scale(node.expression)
+        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, _SCALE_OPERATORS):
+            return self._is_head_scale(node.left) and self._is_head_scale(node.right)
+        if isinstance(node, cst.Subscript) and len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index):
+            return self._is_head_scale(node.value) and self._is_head_scale(node.slice[0].slice.value)
+        return False
+
+    def _scaled(self, node: cst.BinaryOperation) -> Ratio | None:
+        """``scale * ratio`` or ``ratio * scale`` with a per-head number (see ``HeadScale``), or ``None``."""
+        for scale, ratio, template in ((node.left, node.right, "{scale} * {{}}"),
+                                       (node.right, node.left, "{{}} * {scale}")):
+            if not self._is_head_scale(scale) or self._is_head_scale(ratio):
+                continue
+            value = self.value(ratio)
+            if isinstance(value, Ratio) and value.scale is None:
+                self._outer_names_of(scale)
+                text = code(scale) if not isinstance(scale, cst.BinaryOperation) or scale.lpar else f"({code(scale)})"
+                return Ratio(value.numerator, value.denominator, HeadScale(scale, template.format(scale=text)))
+        return None
+
+    def _where_arguments(self, node: cst.Call) -> tuple[Total, cst.BaseExpression, cst.BaseExpression]:
+        """``(sum, chosen, other)`` of ``torch.where(sum > 0, chosen, other)``, or a refusal."""
+        if len(node.args) != 3 or any(a.keyword is not None or a.star for a in node.args):
+            raise Refusal(Code.GUARD, f"unsupported `{code(node)}`")
+        condition, chosen, other = (a.value for a in node.args)
+        total = self._guard_total(condition)
+        if total is None:
+            raise Refusal(Code.GUARD, f"`{code(node)}` selects on something other than a sum being > 0")
+        return total, chosen, other
+
+    def _safe_denominator(self, node: cst.Call) -> Total:
+        """``torch.where(d > 0, d, 1)``: the sum ``d``, made safe to divide by where it is not > 0."""
+        total, chosen, other = self._where_arguments(node)
+        value = self.value(chosen)
+        if not isinstance(value, Total) or value.factors != total.factors or literal_number(other) in (None, 0):
+            raise Refusal(Code.GUARD, f"`{code(node)}` is not `torch.where(d > 0, d, 1)` of a sum d")
+        return Total(value.factors, value.shape_checks, safe=True)
+
+    def where_guarded(self, node: cst.BaseExpression) -> tuple[Ratio, Total] | None:
+        """``(ratio, guard)`` of ``torch.where(d > 0, n / safe_d, 0)``, a refusal for the single-``where`` form
+        (its unselected ``n / d`` gives NaN gradients where d is 0), ``None`` if not a ``torch.where``."""
+        if not isinstance(node, cst.Call) or self.qualified(node.func) != {TORCH_WHERE}:
+            return None
+        total, chosen, other = self._where_arguments(node)
+        ratio = self.value(chosen)
+        if not isinstance(ratio, Ratio) or not _is_zero(other):
+            raise Refusal(Code.GUARD, f"`{code(node)}` is not `torch.where(d > 0, ratio, 0)`")
+        if not ratio.denominator.safe:
+            raise Refusal(Code.GUARD, f"`{code(node)}` divides by the sum where it is 0 too: the unselected "
+                                      "division's gradient is NaN (divide by `torch.where(d > 0, d, 1)`)")
+        return ratio, total
+
+    def _outer_names_of(self, node: cst.BaseExpression) -> None:
+        """Record the outside names a head scale reads (the loop must not rebind them)."""
+        self.outer_names |= self.index.reads(node) - {self.loop_name}
+
     def binary(self, node: cst.BinaryOperation):
+        if isinstance(node.operator, cst.Multiply):
+            scaled = self._scaled(node)
+            if scaled is not None:
+                return scaled
         left, right = self.value(node.left), self.value(node.right)
         if isinstance(node.operator, cst.Multiply | cst.BitAnd):
             a, b = self._tokens(left), self._tokens(right)

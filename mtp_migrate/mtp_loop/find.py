@@ -74,30 +74,47 @@ def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | 
     return None
 
 
-def accumulator_init(statement: cst.BaseStatement, qualified) -> str | None:
-    """``name = 0 | 0.0 | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``: the name."""
+def accumulator_inits(statement: cst.BaseStatement, qualified) -> dict[str, cst.BaseExpression]:
+    """The names a statement sets to a zero, each with its zero: ``name = zero`` or, all zeros,
+    ``total, count = 0.0, 0``; an empty list (``losses = []``) is the zero of a list summed after the loop."""
     assigned = _assigned(statement)
-    if assigned is None:
-        return None
-    name, value = assigned
-    if literal_number(value) == 0:
-        return name
+    if assigned is not None:
+        name, value = assigned
+        return {name: value} if _is_zero_init(value, qualified) else {}
+    if not m.matches(statement, m.SimpleStatementLine(body=[m.Assign(
+            targets=[m.AssignTarget(m.Tuple())], value=m.Tuple())])):
+        return {}
+    targets, values = statement.body[0].targets[0].target.elements, statement.body[0].value.elements
+    if len(targets) != len(values) or any(not isinstance(t.value, cst.Name) or isinstance(t, cst.StarredElement)
+                                          or isinstance(v, cst.StarredElement) for t, v in zip(targets, values,
+                                                                                               strict=True)):
+        return {}
+    zeros = {t.value.value: v.value for t, v in zip(targets, values, strict=True)}
+    if len(zeros) != len(targets) or not all(_is_zero_init(v, qualified) for v in zeros.values()):
+        return {}
+    return zeros
+
+
+def _is_zero_init(value: cst.BaseExpression, qualified) -> bool:
+    """``0 | 0.0 | [] | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``."""
+    if literal_number(value) == 0 or m.matches(value, m.List(elements=[])):
+        return True
     if not isinstance(value, cst.Call) or not value.args or value.args[0].keyword is not None:
-        return None
+        return False
     first = value.args[0].value
     empty_shape = m.matches(first, m.Tuple(elements=[]) | m.List(elements=[]))
     callee = qualified(value.func)
     method = value.func.attr.value if isinstance(value.func, cst.Attribute) else None
     if (callee & {"torch.tensor", "torch.scalar_tensor"} or method == "new_tensor") and literal_number(first) == 0:
-        return name
-    if (callee == {"torch.zeros"} or method == "new_zeros") and empty_shape:
-        return name
-    return None
+        return True
+    return bool((callee == {"torch.zeros"} or method == "new_zeros") and empty_shape)
 
 
 def _accumulated(statement: cst.BaseStatement) -> set[str]:
-    """Names a loop body statement adds to (``x += ...``, ``x = x + ...``), at any depth of ``if``."""
-    names = set()
+    """Names a loop body statement adds to (``x += ...``, ``x = x + ...``, ``x.append(...)``), at any depth
+    of ``if``."""
+    names = {node.func.value.value for node in m.findall(statement, m.Call(func=m.Attribute(
+        value=m.Name(), attr=m.Name("append"))))}
     for node in m.findall(statement, m.AugAssign(target=m.Name())):
         names.add(node.target.value)
     for node in m.findall(statement, m.Assign(targets=[m.AssignTarget(m.Name())],
@@ -128,8 +145,39 @@ def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
     return f"`{code(node)}`"
 
 
+def _reciprocal(node: cst.BaseExpression) -> cst.BaseExpression | None:
+    """``n`` of ``1.0 / n`` (or ``1 / n``): ``acc * (1.0 / n)`` averages as ``acc / n`` does."""
+    if m.matches(node, m.BinaryOperation(operator=m.Divide())) and literal_number(node.left) == 1:
+        return node.right
+    return None
+
+
+def _averaged(node: cst.BaseExpression, ev: LoopEvaluator) -> tuple[str, cst.BaseExpression] | None:
+    """``(acc, divisor)`` of ``acc / divisor`` or ``acc * (1.0 / divisor)``, with ``sum(acc)`` for an
+    accumulator the loop appends to."""
+    if not isinstance(node, cst.BinaryOperation):
+        return None
+    read = _read_sum(node.left, ev)
+    if read is None:
+        return None
+    if isinstance(node.operator, cst.Divide):
+        return read.value, node.right
+    reciprocal = _reciprocal(node.right) if isinstance(node.operator, cst.Multiply) else None
+    return None if reciprocal is None else (read.value, reciprocal)
+
+
+def _read_sum(node: cst.BaseExpression, ev: LoopEvaluator) -> cst.Name | None:
+    """The accumulator ``node`` reads as its sum: ``acc``, or ``sum(acc)`` of a list the loop appends to."""
+    if isinstance(node, cst.Name):
+        return None if node.value in ev.lists else node
+    if m.matches(node, m.Call(args=[m.Arg(keyword=None, star="", value=m.Name())])) and \
+            ev.qualified(node.func) == {"builtins.sum"} and node.args[0].value.value in ev.lists:
+        return node.args[0].value
+    return None
+
+
 class _Inline(cst.CSTTransformer):
-    """Replace ``acc / divisor`` by ``acc`` for the accumulators in ``targets``."""
+    """Replace ``acc / divisor`` (or ``acc * (1.0 / divisor)``) by ``acc`` for the accumulators in ``targets``."""
 
     def __init__(self, targets: set[str], ev: LoopEvaluator, qualified):
         self.targets = targets
@@ -138,10 +186,10 @@ class _Inline(cst.CSTTransformer):
         self.divisors: dict[str, set[str]] = {}
 
     def leave_BinaryOperation(self, original, updated):
-        if isinstance(original.operator, cst.Divide) and m.matches(original.left, m.Name()) and \
-                original.left.value in self.targets:
-            name = original.left.value
-            self.divisors.setdefault(name, set()).add(_divisor(original.right, self.ev, self.qualified))
+        averaged = _averaged(original, self.ev)
+        if averaged is not None and averaged[0] in self.targets:
+            name, divisor = averaged
+            self.divisors.setdefault(name, set()).add(_divisor(divisor, self.ev, self.qualified))
             return cst.Name(name, lpar=updated.lpar, rpar=updated.rpar)
         return updated
 
@@ -156,7 +204,7 @@ def _inline_use(statement, targets: set[str], ev, qualified, index) -> tuple[cst
     used = index.reads(small) & targets
     if not used or binds(small) & targets:
         return None
-    divided = {id(node.left) for node in m.findall(small, m.BinaryOperation(operator=m.Divide(), left=m.Name()))}
+    divided = {id(_read_sum(node.left, ev)) for node in m.findall(small, m.BinaryOperation()) if _averaged(node, ev)}
     if any(id(name) not in divided for name in m.findall(small, m.Name()) if name.value in used):
         return None  # the sum itself is used too
     transformer = _Inline(used, ev, qualified)
@@ -175,17 +223,20 @@ def _averages(block, loop_index, ev: LoopEvaluator, targets: set[str], qualified
         statement = block[position]
         small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1 \
             else None
-        if isinstance(small, cst.AugAssign) and isinstance(small.operator, cst.DivideAssign) and \
-                m.matches(small.target, m.Name()) and small.target.value in pending:
+        in_place = None
+        if isinstance(small, cst.AugAssign) and m.matches(small.target, m.Name()):
+            in_place = small.value if isinstance(small.operator, cst.DivideAssign) else \
+                _reciprocal(small.value) if isinstance(small.operator, cst.MultiplyAssign) else None
+        averaged = _averaged(small.value, ev) if m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())])) \
+            else None
+        if in_place is not None and small.target.value in pending and small.target.value not in ev.lists:
             name = small.target.value
-            averages.append(Average(name, name, _divisor(small.value, ev, qualified), position, in_place=True))
+            averages.append(Average(name, name, _divisor(in_place, ev, qualified), position, in_place=True))
             pending.discard(name)
-        elif m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())],
-                                       value=m.BinaryOperation(operator=m.Divide(), left=m.Name()))) and \
-                small.value.left.value in pending and small.value.left.value not in index.reads(small.value.right):
-            name = small.value.left.value
-            averages.append(Average(name, small.targets[0].target.value,
-                                    _divisor(small.value.right, ev, qualified), position))
+        elif averaged is not None and averaged[0] in pending and averaged[0] not in index.reads(averaged[1]):
+            name = averaged[0]
+            averages.append(Average(name, small.targets[0].target.value, _divisor(averaged[1], ev, qualified),
+                                    position))
             pending.discard(name)
         else:
             inline = _inline_use(statement, pending, ev, qualified, index)
@@ -226,10 +277,12 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     if not loop_writes:
         raise Refusal(Code.ACCUMULATOR, "the loop accumulates into no local variable (`name += ...`)")
     inits: dict[str, int] = {}
+    zeros: dict[str, cst.BaseExpression] = {}
     for position in range(loop_index - 1, -1, -1):
-        name = accumulator_init(block[position], qualified)
-        if name in loop_writes and name not in inits:
-            inits[name] = position
+        found = accumulator_inits(block[position], qualified)
+        if found and set(found) <= loop_writes - set(inits):
+            inits.update((name, position) for name in found)
+            zeros.update(found)
         elif binds(block[position]) & (loop_writes - set(inits)) or index.reads(block[position]) & (
                 loop_writes - set(inits)):
             break
@@ -244,14 +297,15 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
                                             "initialisation and the loop")
     point = locate(site.scope, loop)
     facts = Facts(index, point, qualified)
-    ev = evaluate(loop, set(inits), facts)
+    ev = evaluate(loop, set(inits), facts, {name for name, zero in zeros.items() if isinstance(zero, cst.List)})
     for metric in ev.head0:  # its zero default before the loop belongs to the site
         default = next((i for i in range(loop_index - 1, -1, -1)
-                        if accumulator_init(block[i], qualified) == metric.name), None)
+                        if set(accumulator_inits(block[i], qualified)) == {metric.name}), None)
         if default is None:
             raise Refusal(Code.HEAD0_METRIC, f"the head-0 metric `{metric.name}` has no zero default before the "
                                              "loop")
         inits[metric.name] = default
+        zeros[metric.name] = _assigned(block[default])[1]
     counters = {a.name for a in ev.accumulations if a.value == 1}
     if any(isinstance(a.value, Ratio) for a in ev.accumulations if a.name in counters):
         raise Refusal(Code.ACCUMULATOR, "a name is both a head counter and a loss accumulator")
@@ -260,7 +314,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
         for f in a.value.numerator.factors))
     start = min(inits.values())
     temporaries = _temporaries(analysis, site.scope, loop, ev)
-    site = replace(site, start=start, init_indices=tuple(sorted(inits.values())), rho1_style=rho1_style,
+    site = replace(site, start=start, init_indices=tuple(sorted(set(inits.values()))), rho1_style=rho1_style,
                    temporaries=temporaries)
     progress.append(site)
     averages, stop = _averages(block, loop_index, ev, set(inits) - counters - {h.name for h in ev.head0},
@@ -268,7 +322,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     positions = analysis.positions
     site = replace(site, averages=tuple(averages), stop=stop,
                    span=(positions[block[start]].start.line, positions[block[stop - 1]].end.line))
-    spec = classify(ev, averages, counters, {name: _assigned(block[i])[1] for name, i in inits.items()})
+    spec = classify(ev, averages, counters, zeros)
     _check_liveness(analysis, site, spec)
     return replace(site, spec=spec,
                    rho1_style=rho1_style or spec.normalize == "weights" or spec.head_average == "valid")
@@ -277,7 +331,8 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
 def _check_liveness(analysis: Analysis, site: Site, spec) -> None:
     """Every name the site binds that is read later must be bound, to the same value, by the call."""
     inline = {a.accumulator for a in site.averages if a.inline is not None}
-    outputs = {spec.weighted_output, spec.unweighted_output, spec.head0_output} - {None} - inline
+    outputs = {spec.weighted_output, spec.unweighted_output, spec.head0_output,
+               *(scaled.output for scaled in spec.scaled_outputs)} - {None} - inline
     bound = set().union(*(binds(s) for s in site.statements))
     kept = set().union(*(binds(s) for s in site.kept)) if site.kept else set()
     point = locate(site.scope, site.block[site.start])

@@ -34,6 +34,25 @@ class Result:
 
 
 @dataclass(frozen=True)
+class ScaledOutput:
+    """An accumulator of ``scale_k * unweighted_k`` (``head_weights[k - 1] * ce_mean``), averaged over the heads:
+    the call's ``per_head_ce_loss`` scaled head by head and summed in the loop's order.
+
+    ``template`` is the loop's product with ``{}`` for the per-head loss, in terms of ``variable``, which runs
+    over the heads as the loop's did (from 1 when ``first`` is 1, from 0 when it is 0). ``dtype`` is the loop's
+    dtype for the per-head loss: the call's is cast to it, so that the scale promotes with it as in the loop.
+    ``divisor`` is the loop's head count as written, or ``None`` where it is better not evaluated again (the
+    number of per-head losses then)."""
+
+    output: str
+    template: str
+    variable: str
+    first: int
+    dtype: Promotion
+    divisor: str | None
+
+
+@dataclass(frozen=True)
 class LoopSpec:
     """The loss a site computes, as ``compute_mtp_ce_loss`` arguments (see ``docs/semantics.md``).
 
@@ -60,6 +79,7 @@ class LoopSpec:
     weighted_result: Result = Result()
     unweighted_result: Result = Result()
     head0_result: Result = Result()
+    scaled_outputs: tuple[ScaledOutput, ...] = ()
 
 
 @dataclass(frozen=True)
