@@ -7,7 +7,9 @@ equivalent spellings, judged by an oracle that shares nothing with the tool's ve
   unsound case is shown to be a real trap.
 - ``fixtures/adversarial/equivalent/<case>.py``: each must be migrated, exactly.
 
-Both ``--rho1 del`` (the default) and ``--rho1 rewrite`` runs are checked.
+Both ``--rho1 del`` (the default) and ``--rho1 rewrite`` runs are checked. Tests are ids'd by the case's
+path: ``pytest -k equivalent/div_method.py`` runs one case (the CLI over that file alone), ``-k unsound``
+the traps only.
 """
 
 from __future__ import annotations
@@ -28,31 +30,50 @@ MODES = ("del", "rewrite")
 MIGRATED_SHARE = 0.9
 
 
+def _case_id(path: Path) -> str:
+    """``unsound/<case>.py`` or ``equivalent/<case>.py``: ``-k equivalent/x.py`` selects that case alone
+    (``-k x`` would also select ``x_more``), ``-k equivalent`` only the equivalent cases' tests."""
+    return path.relative_to(ROOT).as_posix()
+
+
+def _selected(session) -> dict[str, list[Path]]:
+    """``{mode: cases}`` the selected tests of this module read from ``migrated``: a case's test its case in its
+    mode; a test over the whole suite (no ``case`` parameter) the ``rewrite`` run over every case."""
+    wanted = {mode: set() for mode in MODES}
+    for item in session.items:
+        if item.path != Path(__file__) or "migrated" not in item.fixturenames:
+            continue
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        if "case" in params:
+            wanted[params["mode"]].add(params["case"])
+        else:
+            wanted["rewrite"].update(UNSOUND + EQUIVALENT)
+    return {mode: sorted(cases) for mode, cases in wanted.items() if cases}
+
+
 @pytest.fixture(scope="module")
-def migrated(tmp_path_factory) -> dict:
-    """``{mode: (folder, {relative path: file report})}`` after one ``apply`` per mode over every case."""
+def migrated(request, tmp_path_factory) -> dict:
+    """``{mode: (folder, {relative path: file report})}`` after one ``apply`` per mode over the cases the session
+    selected (one run over many files is fast: the CLI verifies them in parallel)."""
     runs = {}
-    for mode in MODES:
+    for mode, cases in _selected(request.session).items():
         folder = tmp_path_factory.mktemp(f"adversarial_{mode}")
-        for kind in ("unsound", "equivalent"):
-            shutil.copytree(ROOT / kind, folder / kind)
+        for case in cases:
+            (folder / case.parent.name).mkdir(exist_ok=True)
+            shutil.copy2(case, folder / case.parent.name / case.name)
         emit = ["--emit-tests", "emitted"] if mode == "rewrite" else []
+        kinds = sorted({case.parent.name for case in cases})
         done = subprocess.run([sys.executable, "-m", "mtp_migrate", "apply", "--include", "*.py", "--rho1", mode, *emit,
-                               "--json", "unsound", "equivalent"], cwd=folder, capture_output=True, text=True,
-                              timeout=1800)
+                               "--json", *kinds], cwd=folder, capture_output=True, text=True, timeout=1800)
         assert done.returncode in (0, 1), done.stderr
         reports = {report["path"]: report for report in json.loads(done.stdout)["files"]}
         runs[mode] = (folder, reports)
     return runs
 
 
-def _case_id(path: Path) -> str:
-    return path.stem
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", UNSOUND, ids=_case_id)
-def test_unsound_case_is_refused_or_still_equivalent(migrated, case, mode):
+def test_unsound_case_is_refused_or_rewritten_soundly(migrated, case, mode):
     folder, _ = migrated[mode]
     assert differences(case, folder / "unsound" / case.name) == []
 
