@@ -15,6 +15,7 @@ the traps only.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,53 @@ def test_case_is_documented_and_exercised(case):
     source = case.read_text()
     assert source.lstrip().startswith('"""'), "each case says what it tests in its docstring"
     assert exercised(case) >= 5, "the oracle's grid must run the original on several cases"
+
+
+# What each kind's docstring starts with: the trap it sets, what its rewrite gets wrong, the spelling it is.
+DOCSTRINGS = {"unsound": ("Trap:",), "naive": ("Naive rewrite",), "equivalent": ("Spelling:", "Equivalent"),
+              "reference": ("Correct rewrite of equivalent/",)}
+PAIRS = {"unsound": "naive", "equivalent": "reference"}  # a case and the rewrite that proves what it is
+
+
+def missing_pieces(root: Path) -> list[str]:
+    """What CONTRIBUTING.md's recipe asks of every case under ``root`` and it lacks: a case's pair (a trap's
+    naive rewrite, a spelling's reference), a pair without its case, a docstring saying what the file is,
+    a TODO left by ``scripts/new_case.py``."""
+    missing = []
+    for kind, pair in PAIRS.items():
+        cases = {path.name for path in (root / kind).glob("*.py")}
+        pairs = {path.name for path in (root / pair).glob("*.py")}
+        missing += [f"{kind}/{name}: no {pair}/{name}" for name in sorted(cases - pairs)]
+        missing += [f"{pair}/{name}: no {kind}/{name} it is the {pair} of" for name in sorted(pairs - cases)]
+    for kind, starts in DOCSTRINGS.items():
+        for path in sorted((root / kind).glob("*.py")):
+            source = path.read_text(encoding="utf-8")
+            if not source.lstrip().startswith(tuple(f'"""{start}' for start in starts)):
+                missing.append(f"{kind}/{path.name}: its docstring does not start with {' or '.join(starts)}")
+            if "TODO" in source:
+                missing.append(f"{kind}/{path.name}: a TODO is left")
+    return missing
+
+
+def test_every_case_is_complete():
+    missing = missing_pieces(ROOT)
+    assert not missing, "incomplete cases (see CONTRIBUTING.md):\n" + "\n".join(missing)
+
+
+def test_the_scaffold_writes_what_the_completeness_check_reads(tmp_path):
+    """``scripts/new_case.py`` writes the four files with only TODOs missing; its spelling's template is
+    run by the oracle and its reference agrees with it."""
+    done = subprocess.run([sys.executable, str(ROOT.parents[1] / "scripts" / "new_case.py"), "--spelling", "a_spelling",
+                           "--trap", "a_trap", "--corpus", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = [f"{kind}/a_spelling.py" for kind in ("equivalent", "reference")] + \
+        [f"{kind}/a_trap.py" for kind in ("unsound", "naive")]
+    assert sorted(missing_pieces(tmp_path)) == sorted(f"{path}: a TODO is left" for path in written)
+    for path in tmp_path.glob("*/*.py"):
+        path.write_text(re.sub(r"TODO |.*# TODO.*\n", "", path.read_text()))
+    assert missing_pieces(tmp_path) == []
+    assert exercised(tmp_path / "equivalent" / "a_spelling.py") >= 5
+    assert differences(tmp_path / "equivalent" / "a_spelling.py", tmp_path / "reference" / "a_spelling.py") == []
 
 
 def test_suite_is_large_enough():
