@@ -7,8 +7,8 @@ equivalent spellings, judged by an oracle that shares nothing with the tool's ve
   unsound case is shown to be a real trap.
 - ``fixtures/adversarial/equivalent/<case>.py``: each must be migrated, exactly.
 
-Both ``--rho1 del`` (the default) and ``--rho1 rewrite`` runs are checked. Tests are ids'd by the case's
-path: ``pytest -k equivalent/div_method.py`` runs one case (the CLI over that file alone), ``-k unsound``
+Both ``--rho1 del`` (the default) and ``--rho1 rewrite`` runs are checked. A case's tests have its path as
+their id: ``pytest -k equivalent/div_method.py`` runs one case (the CLI over that file alone), ``-k unsound``
 the traps only.
 """
 
