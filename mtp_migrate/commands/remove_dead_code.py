@@ -1,4 +1,4 @@
-"""Remove what a rewrite made dead: shape unpacks, ``model_dtype`` lookups, imports.
+"""Remove what a rewrite made dead: shape unpacks, ``model_dtype`` lookups, loss modules, imports.
 
 Only names that the removed code read are candidates (``names``: ``--names`` on the
 command line, or what ``RewriteMTPLoopCommand`` removed), so nothing that was already
@@ -16,9 +16,10 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 from libcst.codemod.visitors import RemoveImportsVisitor
-from libcst.metadata import ScopeProvider
+from libcst.metadata import QualifiedNameProvider, ScopeProvider
 
 from mtp_migrate.cst_utils import code, dotted
+from mtp_migrate.mtp_loop.losses import Form, spelling
 
 # `x.shape[i]`, `x.size(i)`, `x.dtype`, `x.device`, `next(m.parameters()).dtype`: pure lookups.
 _PURE_LOOKUP = (
@@ -80,7 +81,7 @@ class _RemoveImports(KeepsSurroundingLines, RemoveImportsVisitor):
 class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
     DESCRIPTION = "Remove shape unpacks, dtype lookups and imports that only the rewritten MTP loop used."
 
-    METADATA_DEPENDENCIES = (ScopeProvider,)
+    METADATA_DEPENDENCIES = (ScopeProvider, QualifiedNameProvider)
 
     @staticmethod
     def add_args(arg_parser: argparse.ArgumentParser) -> None:
@@ -149,7 +150,7 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
         if len(assign.targets) != 1:
             return updated_node
         target = original.targets[0].target
-        if isinstance(target, cst.Name) and (m.matches(assign.value, _PURE_LOOKUP)):
+        if isinstance(target, cst.Name) and (m.matches(assign.value, _PURE_LOOKUP) or self._builds_loss(original.value)):
             if target.value in self.freed and self._unused(target):
                 return cst.RemoveFromParent()
             return updated_node
@@ -157,6 +158,17 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
                 all(isinstance(e.value, cst.Name) for e in target.elements):
             return self._unpack(updated_node, assign, target)
         return updated_node
+
+    def _builds_loss(self, value: cst.BaseExpression) -> bool:
+        """``nn.CrossEntropyLoss(reduction="none")``: a registered loss module built from its own options,
+        with no call among them, so building it has no effect."""
+        if not isinstance(value, cst.Call):
+            return False
+        names = {name.name for name in self.get_metadata(QualifiedNameProvider, value.func, set())}
+        loss = spelling(names, Form.MODULE)
+        return loss is not None and all(
+            a.keyword is not None and a.keyword.value in loss.options for a in value.args) and not any(
+            m.findall(a.value, m.Call()) for a in value.args)
 
     def _unpack(self, statement: cst.SimpleStatementLine, assign: cst.Assign, target: cst.Tuple):
         """``b, s, n, v = x.shape`` keeps only the names still used: ``n = x.shape[2]``, ``_, s, n, _ = ...``."""

@@ -11,13 +11,17 @@ expression form a loop may contain, and splitting it would scatter that recursio
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.cst_utils import code, literal_int, literal_number, string_value
+from mtp_migrate.flow.dataflow import reaching_definition
+from mtp_migrate.flow.names import changed_in_place
 from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
+from mtp_migrate.mtp_loop.losses import LOG_SOFTMAX, Form, LossSpelling, looks_like_loss, spelling
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
     Free,
@@ -33,9 +37,6 @@ from mtp_migrate.mtp_loop.symbolic import (
 )
 from mtp_migrate.refusals import Code, Refusal
 
-CROSS_ENTROPY = "torch.nn.functional.cross_entropy"
-NLL_LOSS = "torch.nn.functional.nll_loss"
-LOG_SOFTMAX = {"torch.nn.functional.log_softmax", "torch.log_softmax"}
 TORCH_SUM = "torch.sum"
 _ARITHMETIC_METHODS = {"mul": cst.Multiply, "multiply": cst.Multiply, "div": cst.Divide, "divide": cst.Divide,
                        "true_divide": cst.Divide}
@@ -176,14 +177,16 @@ class ExpressionEvaluator:
 
     def call(self, node: cst.Call):
         names = self.qualified(node.func)
-        if names == {CROSS_ENTROPY}:
-            return self.cross_entropy_call(node)
-        if names == {NLL_LOSS}:
-            return self.nll_call(node)
-        if any(name.endswith("cross_entropy") for name in names) or m.matches(node.func, m.Name("cross_entropy") | m.Attribute(attr=m.Name("cross_entropy"))):
+        loss = spelling(names, Form.FUNCTION)
+        if loss is not None:
+            return self.loss_call(node, loss)
+        module = self._loss_module(node)
+        if module is not None:
+            return self.loss_call(node, *module)
+        if looks_like_loss(names, code(node.func)):
             found = ", ".join(sorted(names)) or code(node.func)
             raise Refusal(Code.NOT_TORCH_CROSS_ENTROPY,
-                          f"`{code(node.func)}` is {found}, not torch.nn.functional.cross_entropy")
+                          f"`{code(node.func)}` is {found}, not a torch loss the utility computes")
         if names == {TORCH_SUM}:
             if len(node.args) != 1 or node.args[0].keyword is not None:
                 raise Refusal(Code.REDUCTION, f"a different reduction: `{code(node)}`")
@@ -345,40 +348,73 @@ class ExpressionEvaluator:
 
     # -- cross-entropy
     @staticmethod
-    def _input_and_target(node: cst.Call) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
+    def _input_and_target(args) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
         """``([input, target], options)`` of a loss call, by position or by keyword, or ``([], {})``."""
-        if any(a.star for a in node.args):
+        if any(a.star for a in args):
             return [], {}
-        positional = [a.value for a in node.args if a.keyword is None]
-        keywords = {a.keyword.value: a.value for a in node.args if a.keyword is not None}
+        positional = [a.value for a in args if a.keyword is None]
+        keywords = {a.keyword.value: a.value for a in args if a.keyword is not None}
         for name in ("input", "target")[len(positional):]:
             if name in keywords:
                 positional.append(keywords.pop(name))
         return positional, keywords
 
-    def cross_entropy_call(self, node: cst.Call):
-        positional, keywords = self._input_and_target(node)
+    def _loss_module(self, node: cst.Call) -> tuple[LossSpelling, Sequence[cst.Arg]] | None:
+        """``(spelling, constructor arguments)`` when ``node`` calls a name bound, once and before the loop,
+        to a registered loss module that nothing changes or reads but its calls, else ``None``."""
+        if not isinstance(node.func, cst.Name):
+            return None
+        name = node.func.value
+        definition = reaching_definition(self.index, self.facts.point, name, changed_in_place)
+        if definition.kind not in ("statement", "change") or not isinstance(definition.statement,
+                                                                           cst.SimpleStatementLine):
+            return None
+        (small,) = definition.statement.body
+        if definition.kind == "change":
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{name}` may be changed after it is built: "
+                                                       f"`{code(small).strip()}`")
+        if not m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name(name))], value=m.Call())):
+            return None
+        loss = spelling(self.qualified(small.value.func), Form.MODULE)
+        if loss is None:
+            return None
+        calls = {id(call.func) for call in m.findall(self.facts.point.scope, m.Call(func=m.Name(name)))}
+        # Another read could alias the module (`c = criterion; c.ignore_index = 0`) or change it.
+        other = {id(n) for n in m.findall(self.facts.point.scope, m.Name(name))} - calls - {id(small.targets[0].target)}
+        other -= {id(a.attr) for a in m.findall(self.facts.point.scope, m.Attribute(attr=m.Name(name)))}
+        other -= {id(a.keyword) for a in m.findall(self.facts.point.scope, m.Arg(keyword=m.Name(name)))}
+        if other:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{name}` is used other than called; its options may "
+                                                       "change after it is built")
+        for arg in small.value.args:
+            if not self.facts.same_value(arg.value, definition.point):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(arg.value)}`, read when `{name}` was built, "
+                                                           "may have changed by the loop")
+        return loss, small.value.args
+
+    def loss_call(self, node: cst.Call, loss: LossSpelling, built: Sequence[cst.Arg] | None = None) -> Tokens:
+        """A registered loss called on ``node``'s input and target; its options are the call's keywords, or
+        for a module the arguments it was ``built`` with."""
+        positional, keywords = self._input_and_target(node.args)
         if len(positional) != 2:
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy must take the logits and labels (by position "
-                                                       "or as input= and target=) and its options by keyword")
-        self._check_keywords(keywords, {"reduction", "ignore_index", "label_smoothing", "weight"})
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node.func)}` must take its input and target (by "
+                                                       "position or as input= and target=) and its options by "
+                                                       "keyword")
+        if built is not None:
+            if keywords:
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"keyword `{sorted(keywords)[0]}` of a loss module call")
+            if any(a.keyword is None for a in built):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "a loss module's options must be given by keyword")
+            keywords = {a.keyword.value: a.value for a in built}
+        self._check_keywords(keywords, loss.options)
         if not _is_zero(keywords.get("label_smoothing", cst.Integer("0"))):
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `label_smoothing` has no equivalent "
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `label_smoothing` has no equivalent "
                                                        "in the utility")
         if "weight" in keywords and not m.matches(keywords["weight"], m.Name("None")):
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `weight` (class weights) has no "
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `weight` (class weights) has no "
                                                        "equivalent in the utility")
-        return self._per_token_loss(self.value(positional[0]), self.value(positional[1]),
-                                    keywords.get("ignore_index"), node)
-
-    def nll_call(self, node: cst.Call):
-        positional, keywords = self._input_and_target(node)
-        if len(positional) != 2:
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "nll_loss must take its input and target (by position or "
-                                                       "as input= and target=)")
-        self._check_keywords(keywords, {"reduction", "ignore_index"})
-        log_probs = self._log_softmax(positional[0])
-        return self._per_token_loss(log_probs, self.value(positional[1]), keywords.get("ignore_index"), node)
+        logits = self._log_softmax(positional[0]) if loss.reads == "log_probs" else self.value(positional[0])
+        return self._per_token_loss(logits, self.value(positional[1]), keywords.get("ignore_index"), node)
 
     def _log_softmax(self, node: cst.BaseExpression):
         if isinstance(node, cst.Call) and self.qualified(node.func) & LOG_SOFTMAX:

@@ -16,18 +16,18 @@ from mtp_migrate.flow.names import binds
 from mtp_migrate.mtp_loop.classify import classify
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator, evaluate
 from mtp_migrate.mtp_loop.facts import Facts
+from mtp_migrate.mtp_loop.losses import Form, suffixes
 from mtp_migrate.mtp_loop.site import Site
 from mtp_migrate.mtp_loop.spec import Average
 from mtp_migrate.mtp_loop.symbolic import Ratio, View
 from mtp_migrate.refusals import Code, Refusal
 
-_LOSS_CALLS = ("cross_entropy", "nll_loss")
-
 
 class _HeadLoops(cst.CSTVisitor):
     """The innermost ``for`` around each cross-entropy-like call (not outer batch loops)."""
 
-    def __init__(self):
+    def __init__(self, modules: set[str]):
+        self.modules = modules  # names bound to a loss module somewhere in the file: `criterion(...)` calls it
         self.loops: list[cst.For] = []
         self.found: dict[int, cst.For] = {}
 
@@ -44,7 +44,9 @@ class _HeadLoops(cst.CSTVisitor):
         self.loops.pop()
 
     def visit_Call(self, node):
-        if (dotted(node.func) or "").endswith(_LOSS_CALLS) and self.loops and self.loops[-1] is not None:
+        loss = (dotted(node.func) or "").endswith(suffixes(Form.FUNCTION)) or m.matches(
+            node.func, m.Name(m.MatchIfTrue(lambda name: name in self.modules)))
+        if loss and self.loops and self.loops[-1] is not None:
             self.found[id(self.loops[-1])] = self.loops[-1]
 
 
@@ -370,7 +372,9 @@ def _called(decorator: cst.BaseExpression) -> cst.BaseExpression:
 
 
 def find_sites(module: cst.Module, analysis: Analysis | None = None) -> list[Site]:
-    loops = _HeadLoops()
+    built = m.findall(module, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call()))
+    loops = _HeadLoops({a.targets[0].target.value for a in built
+                        if (dotted(a.value.func) or "").endswith(suffixes(Form.MODULE))})
     module.visit(loops)
     if not loops.found:
         return []
