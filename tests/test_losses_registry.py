@@ -1,10 +1,14 @@
-"""The loss registry (``mtp_loop/losses.py``): every place that asks "is this a loss call" reads it."""
+"""The loss registry (`mtp_loop/losses.py`), and the utility output keys the emitter writes."""
+
+from typing import get_args
 
 import libcst as cst
 import pytest
 
 from mtp_migrate.mtp_loop.find import find_sites
 from mtp_migrate.mtp_loop.losses import LOSSES, PREFILTER, Form, LossSpelling, spelling
+from mtp_migrate.mtp_loop.spec import OutputKey
+from weighted_mtp.utils.loss_utils import MTPLoss
 
 
 def _use(loss: LossSpelling, name: str) -> str:
@@ -36,3 +40,8 @@ def test_spellings_resolve_to_themselves():
         assert spelling(set(loss.qualified), loss.form) is loss
         assert spelling(set(loss.qualified), next(f for f in Form if f is not loss.form)) is None
     assert spelling(set(), Form.FUNCTION) is None
+
+
+def test_output_keys_are_the_utilitys():
+    """The keys the emitter writes (``spec.OutputKey``) are those ``compute_mtp_ce_loss`` returns (``MTPLoss``)."""
+    assert set(get_args(OutputKey)) == set(MTPLoss.__annotations__)

@@ -21,9 +21,11 @@ from mtp_migrate.cst_utils import code, literal_int, literal_number, string_valu
 from mtp_migrate.flow.dataflow import reaching_definition
 from mtp_migrate.flow.names import changed_in_place
 from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
+from mtp_migrate.mtp_loop.facts import Facts
 from mtp_migrate.mtp_loop.losses import LOG_SOFTMAX, Form, LossSpelling, looks_like_loss, spelling
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
+    Dim,
     Free,
     K,
     Layout,
@@ -68,7 +70,23 @@ def _is_zero(node: cst.BaseExpression) -> bool:
 
 
 class ExpressionEvaluator:
-    """The expression half of ``LoopEvaluator``: subclasses hold the loop's state (``env``, ``facts``...)."""
+    """The expression half of ``LoopEvaluator``, with all the state the expressions read and write.
+
+    ``loop_name`` and ``head_offset`` come from the loop header, which ``LoopEvaluator`` reads.
+    """
+
+    loop_name: str  # `k` of `for k in range(...)`
+    head_offset: int  # k = loop variable + head_offset
+
+    def __init__(self, accumulators: set[str], facts: Facts):
+        self.facts = facts
+        self.qualified = facts.qualified
+        self.index = facts.index
+        self.accumulators = accumulators
+        self.env: dict[str, object] = {}  # what the body bound so far: a Lin, a View, Tokens, a Total...
+        self.outer_names: set[str] = set()  # names the outer expressions read
+        self.cross_entropy: CrossEntropy | None = None  # the loop's one per-token loss, once seen
+        self.dimension_names: dict[Dim, str] = {}  # Dim -> the name the loop read it through (seq_len)
 
     def position(self, node: cst.BaseExpression) -> Lin:
         value = literal_int(node)

@@ -18,7 +18,7 @@ from mtp_migrate.mtp_loop.evaluate import LoopEvaluator, evaluate
 from mtp_migrate.mtp_loop.facts import Facts
 from mtp_migrate.mtp_loop.losses import Form, suffixes
 from mtp_migrate.mtp_loop.site import Site
-from mtp_migrate.mtp_loop.spec import Average
+from mtp_migrate.mtp_loop.spec import Average, Divisor
 from mtp_migrate.mtp_loop.symbolic import Ratio, View
 from mtp_migrate.refusals import Code, Refusal
 
@@ -110,8 +110,7 @@ def _accumulated(statement: cst.BaseStatement) -> set[str]:
     return names
 
 
-def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
-    """``"heads"``, ``"valid:<counter>"`` or the divisor as written."""
+def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> Divisor:
     inner = node
     if isinstance(inner, cst.Call) and qualified(inner.func) & {"builtins.float", "builtins.int"} and \
             len(inner.args) == 1:
@@ -120,14 +119,14 @@ def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
         values = [a.value for a in node.args]
         counter = next((v for v in values if isinstance(v, cst.Name)), None)
         if counter is not None and any(literal_number(v) == 1 for v in values):
-            return f"valid:{counter.value}"
+            return Divisor("valid", counter=counter.value)
     if code(inner) == code(ev.head_count) or (ev.count_name and m.matches(inner, m.Name(ev.count_name))):
-        return "heads"
+        return Divisor("heads")
     here = ev.facts.expression(inner, ev.facts.point)
     there = ev.facts.expression(ev.head_count, ev.facts.point)
     if here is not None and here == there:
-        return "heads"
-    return f"`{code(node)}`"
+        return Divisor("heads")
+    return Divisor("other", code(node))
 
 
 class _Inline(cst.CSTTransformer):
@@ -137,7 +136,7 @@ class _Inline(cst.CSTTransformer):
         self.targets = targets
         self.ev = ev
         self.qualified = qualified
-        self.divisors: dict[str, set[str]] = {}
+        self.divisors: dict[str, set[Divisor]] = {}
 
     def leave_BinaryOperation(self, original, updated):
         if isinstance(original.operator, cst.Divide) and m.matches(original.left, m.Name()) and \
