@@ -91,14 +91,16 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
         super().__init__(context)
         self.freed = set(names)
         self.exported: set[str] = set()
-        self.imports: list[tuple[str, str | None, str | None]] = []  # (module, name, alias) to drop if unused
+        # (bound name, (module, name, alias)) of each import that may be dropped if unused and freed
+        self.imports: list[tuple[str, tuple[str, str | None, str | None]]] = []
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         tree = super().transform_module_impl(tree)
-        if not self.imports:
+        imports = [spec for bound, spec in self.imports if bound in self.freed]  # freed: also what removals read
+        if not imports:
             return tree
         # Run here, once, rather than scheduled: later commands share this context.
-        return _RemoveImports(self.context, self.imports).transform_module(tree)
+        return _RemoveImports(self.context, imports).transform_module(tree)
 
     def visit_Module(self, node: cst.Module) -> None:
         for statement in node.body:
@@ -134,13 +136,13 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
                 return
             for alias in node.names:
                 bound = alias.evaluated_alias or alias.evaluated_name
-                if bound in self.freed and bound not in self.exported:
-                    self.imports.append((module, alias.evaluated_name, alias.evaluated_alias))
+                if bound not in self.exported:
+                    self.imports.append((bound, (module, alias.evaluated_name, alias.evaluated_alias)))
             return
         for alias in node.names:
             bound = alias.evaluated_alias or alias.evaluated_name.split(".")[0]
-            if bound in self.freed and bound not in self.exported:
-                self.imports.append((alias.evaluated_name, None, alias.evaluated_alias))
+            if bound not in self.exported:
+                self.imports.append((bound, (alias.evaluated_name, None, alias.evaluated_alias)))
 
     def leave_SimpleStatementLine(self, original_node, updated_node):
         if len(updated_node.body) != 1 or not isinstance(updated_node.body[0], cst.Assign):
@@ -152,6 +154,7 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
         target = original.targets[0].target
         if isinstance(target, cst.Name) and (m.matches(assign.value, _PURE_LOOKUP) or self._builds_loss(original.value)):
             if target.value in self.freed and self._unused(target):
+                self.freed |= _reads(original.value)
                 return cst.RemoveFromParent()
             return updated_node
         if isinstance(target, cst.Tuple) and m.matches(assign.value, _SHAPE) and \
@@ -218,6 +221,14 @@ class _Removed:
         if not receiver.leading_lines:  # `# dims` above `B, S, N, V = ...` and the line after it
             return lines
         return lines[:attached]
+
+
+def _reads(node: cst.BaseExpression) -> set[str]:
+    """The names ``node`` reads (not attribute or keyword names)."""
+    names = {id(n): n.value for n in m.findall(node, m.Name())}
+    for part in m.findall(node, m.Attribute() | m.Arg()):
+        names.pop(id(part.attr if isinstance(part, cst.Attribute) else part.keyword), None)
+    return set(names.values())
 
 
 def _join(carried: list[cst.EmptyLine], own) -> list[cst.EmptyLine]:
