@@ -47,7 +47,9 @@ CROSS_ENTROPY = LossSpelling(frozenset({"torch.nn.functional.cross_entropy"}), b
                              _CROSS_ENTROPY_OPTIONS, "logits")
 NLL_LOSS = LossSpelling(frozenset({"torch.nn.functional.nll_loss"}), b"nll_loss",
                         frozenset({"reduction", "ignore_index"}), "log_probs")
-LOSSES: tuple[LossSpelling, ...] = (CROSS_ENTROPY, NLL_LOSS)
+CROSS_ENTROPY_LOSS = LossSpelling(frozenset({"torch.nn.CrossEntropyLoss", "torch.nn.modules.loss.CrossEntropyLoss"}),
+                                  b"CrossEntropyLoss", _CROSS_ENTROPY_OPTIONS, "logits", Form.MODULE)
+LOSSES: tuple[LossSpelling, ...] = (CROSS_ENTROPY, NLL_LOSS, CROSS_ENTROPY_LOSS)
 
 # The input of a ``log_probs`` loss.
 LOG_SOFTMAX = frozenset({"torch.nn.functional.log_softmax", "torch.log_softmax"})
