@@ -50,6 +50,7 @@ _COMPARE_METHODS = {"ne": "!=", "eq": "==", "gt": ">", "ge": ">=", "lt": "<", "l
 _COMPARE_OPERATORS = {cst.NotEqual: "!=", cst.Equal: "==", cst.GreaterThan: ">", cst.GreaterThanEqual: ">=",
                       cst.LessThan: "<", cst.LessThanEqual: "<="}
 _FLATTEN = ("reshape", "view")
+_RELAYOUT = ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose", "permute", "squeeze", "unsqueeze")
 
 
 def _compare(operator: str, operand: str) -> Op:
@@ -57,8 +58,9 @@ def _compare(operator: str, operand: str) -> Op:
 
 
 class LogSoftmax(NamedTuple):
-    receiver: object
-    args: tuple
+    """``log_softmax`` of a view of the logits over its vocabulary axis, laid out as the view is."""
+
+    logits: View
 
 
 def _is_full(element: cst.SubscriptElement) -> bool:
@@ -195,6 +197,8 @@ class ExpressionEvaluator:
 
     def call(self, node: cst.Call):
         names = self.qualified(node.func)
+        if names and names <= LOG_SOFTMAX and node.args and not node.args[0].keyword and not node.args[0].star:
+            return self._over_vocabulary(self.value(node.args[0].value), node.args[1:], node)
         loss = spelling(names, Form.FUNCTION)
         if loss is not None:
             return self.loss_call(node, loss)
@@ -212,9 +216,22 @@ class ExpressionEvaluator:
         if not isinstance(node.func, cst.Attribute):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         method, receiver = node.func.attr.value, self.value(node.func.value)
+        if isinstance(receiver, LogSoftmax):
+            return self._log_probs_method(node, method, receiver)
         if isinstance(receiver, Outer):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         return self.method(node, method, receiver)
+
+    def _log_probs_method(self, node: cst.Call, method: str, receiver: LogSoftmax) -> LogSoftmax:
+        """A new layout of log-probabilities: the vocabulary axis moves with the logits'."""
+        if method == "contiguous" and not node.args:
+            return receiver
+        if method not in _RELAYOUT:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node)}` on log-probabilities")
+        logits = self._relayout(receiver.logits, method, list(node.args), node)
+        if logits.layout not in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT, Layout.CLASS_FIRST):
+            raise Refusal(Code.LAYOUT, f"`{code(node)}` does not keep the vocabulary axis of the log-probabilities")
+        return LogSoftmax(logits)
 
     def method(self, node: cst.Call, method: str, receiver):
         args = list(node.args)
@@ -235,11 +252,10 @@ class ExpressionEvaluator:
             return self._apply(receiver, op, node)
         if method in ("contiguous",) and not args:
             return receiver
-        if method in ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose", "permute", "squeeze",
-                      "unsqueeze"):
+        if method in _RELAYOUT:
             return self._relayout(receiver, method, args, node)
         if method == "log_softmax":
-            return LogSoftmax(receiver, tuple(args))
+            return self._over_vocabulary(receiver, args, node)
         raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
 
     def _op(self, node: cst.Call, method: str, args) -> Op | None:
@@ -434,25 +450,24 @@ class ExpressionEvaluator:
         logits = self._log_softmax(positional[0]) if loss.reads == "log_probs" else self.value(positional[0])
         return self._per_token_loss(logits, self.value(positional[1]), keywords.get("ignore_index"), node)
 
-    def _log_softmax(self, node: cst.BaseExpression):
-        if isinstance(node, cst.Call) and self.qualified(node.func) & LOG_SOFTMAX:
-            args = list(node.args)
-            receiver = self.value(args[0].value)
-            rest = args[1:]
-        else:
-            value = self.value(node)
-            if not isinstance(value, LogSoftmax):
-                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"nll_loss of `{code(node)}`, not of a log_softmax")
-            receiver, rest = value.receiver, list(value.args)
+    def _log_softmax(self, node: cst.BaseExpression) -> View:
+        """The logits whose log-probabilities ``node`` is (the input of a ``log_probs`` loss)."""
+        value = self.value(node)
+        if not isinstance(value, LogSoftmax):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"nll_loss of `{code(node)}`, not of a log_softmax")
+        return value.logits
+
+    def _over_vocabulary(self, receiver, rest: Sequence[cst.Arg], node: cst.Call) -> LogSoftmax:
+        """``log_softmax(receiver, *rest)``, which must be over the vocabulary of a view of the logits."""
         dims = [literal_int(a.value) for a in rest if a.keyword is None or a.keyword.value == "dim"]
         if isinstance(receiver, View) and receiver.layout is Layout.HEAD_SLICE:
             receiver = receiver.relayout(Layout.LOGITS_GRID)
         if len(rest) != 1 or len(dims) != 1 or not isinstance(receiver, View):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"unsupported log_softmax `{code(node)}`")
-        wanted = {Layout.LOGITS_FLAT: (-1, 1), Layout.CLASS_FIRST: (1, -2)}.get(receiver.layout, ())
-        if dims[0] not in wanted:
+        wanted = {Layout.LOGITS_FLAT: (-1, 1), Layout.LOGITS_GRID: (-1, 2), Layout.CLASS_FIRST: (1, -2)}
+        if dims[0] not in wanted.get(receiver.layout, ()):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"log_softmax `{code(node)}` is not over the vocabulary")
-        return receiver
+        return LogSoftmax(receiver)
 
     def _check_keywords(self, keywords: dict, allowed: set[str]) -> None:
         extra = sorted(set(keywords) - allowed)
