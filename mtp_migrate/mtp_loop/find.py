@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProvider
+from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProvider, ScopeProvider
 
 from mtp_migrate.config import UTILITY_NAMES
 from mtp_migrate.cst_utils import code, dotted, literal_number
@@ -16,7 +16,7 @@ from mtp_migrate.flow.names import binds
 from mtp_migrate.mtp_loop.classify import classify
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator, evaluate
 from mtp_migrate.mtp_loop.facts import Facts
-from mtp_migrate.mtp_loop.losses import Form, suffixes
+from mtp_migrate.mtp_loop.losses import REGISTERED_NAMES, Form, suffixes
 from mtp_migrate.mtp_loop.site import Site
 from mtp_migrate.mtp_loop.spec import Average, Divisor
 from mtp_migrate.mtp_loop.symbolic import Ratio, View
@@ -56,14 +56,28 @@ class Analysis:
     def __init__(self, module: cst.Module):
         wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
         self._qualified = wrapper.resolve(QualifiedNameProvider)
+        self._scopes = wrapper.resolve(ScopeProvider)
         self.positions = wrapper.resolve(PositionProvider)
         self.index = FlowIndex()
+        stars = [dotted(s.module) for s in m.findall(module, m.ImportFrom(names=m.ImportStar()))]
+        self._star = stars[0] if len(stars) == 1 and not stars[0].startswith(".") else None
 
     def qualified(self, node: cst.CSTNode) -> set[str]:
         names = self._qualified.get(node, ())
         if callable(names):  # resolved lazily by LibCST
             names = names()
+        if not names and self._star is not None and isinstance(node, cst.Name):
+            return self._from_star(node)
         return {name.name for name in names}
+
+    def _from_star(self, node: cst.Name) -> set[str]:
+        """``cross_entropy`` bound by the module's one ``from torch.nn.functional import *`` and nothing else: only
+        registered names are taken for what the star import binds (what else it binds is not known here)."""
+        scope = self._scopes.get(node)
+        name = f"{self._star}.{node.value}"
+        if scope is None or scope[node.value] or name not in REGISTERED_NAMES:
+            return set()
+        return {name}
 
 
 def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | None:

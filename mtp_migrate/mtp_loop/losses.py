@@ -54,6 +54,9 @@ LOSSES: tuple[LossSpelling, ...] = (CROSS_ENTROPY, NLL_LOSS, CROSS_ENTROPY_LOSS)
 # The input of a ``log_probs`` loss.
 LOG_SOFTMAX = frozenset({"torch.nn.functional.log_softmax", "torch.log_softmax"})
 
+# Every name above: what a star import may be taken to bind (``find.Analysis``).
+REGISTERED_NAMES = frozenset().union(LOG_SOFTMAX, *(loss.qualified for loss in LOSSES))
+
 # A file without any of these cannot hold a site.
 PREFILTER: tuple[bytes, ...] = tuple(dict.fromkeys(loss.prefilter for loss in LOSSES))
 
