@@ -12,7 +12,7 @@ expression form a loop may contain, and splitting it would scatter that recursio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import libcst as cst
 import libcst.matchers as m
@@ -426,7 +426,7 @@ class ExpressionEvaluator:
                                                            "may have changed by the loop")
         return loss, small.value.args
 
-    def loss_call(self, node: cst.Call, loss: LossSpelling, built: Sequence[cst.Arg] | None = None) -> Tokens:
+    def loss_call(self, node: cst.Call, loss: LossSpelling, built: Sequence[cst.Arg] | None = None) -> Tokens | Total:
         """A registered loss called on ``node``'s input and target; its options are the call's keywords, or
         for a module the arguments it was ``built`` with."""
         positional, keywords = self._input_and_target(node.args)
@@ -440,7 +440,7 @@ class ExpressionEvaluator:
             if any(a.keyword is None for a in built):
                 raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "a loss module's options must be given by keyword")
             keywords = {a.keyword.value: a.value for a in built}
-        self._check_keywords(keywords, loss.options)
+        reduction = self._check_keywords(keywords, loss.options)
         if not _is_zero(keywords.get("label_smoothing", cst.Integer("0"))):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `label_smoothing` has no equivalent "
                                                        "in the utility")
@@ -448,7 +448,8 @@ class ExpressionEvaluator:
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `weight` (class weights) has no "
                                                        "equivalent in the utility")
         logits = self._log_softmax(positional[0]) if loss.reads == "log_probs" else self.value(positional[0])
-        return self._per_token_loss(logits, self.value(positional[1]), keywords.get("ignore_index"), node)
+        tokens = self._per_token_loss(logits, self.value(positional[1]), keywords.get("ignore_index"), node)
+        return Total(*self._total(tokens)) if reduction == "sum" else tokens  # "sum" is the per-token losses' sum
 
     def _log_softmax(self, node: cst.BaseExpression) -> View:
         """The logits whose log-probabilities ``node`` is (the input of a ``log_probs`` loss)."""
@@ -469,12 +470,15 @@ class ExpressionEvaluator:
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"log_softmax `{code(node)}` is not over the vocabulary")
         return LogSoftmax(receiver)
 
-    def _check_keywords(self, keywords: dict, allowed: set[str]) -> None:
+    def _check_keywords(self, keywords: dict, allowed: set[str]) -> Literal["none", "sum"]:
+        """The call's reduction, once its keywords are known to have an equivalent."""
         extra = sorted(set(keywords) - allowed)
         if extra:
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"keyword `{extra[0]}` has no equivalent in the utility")
-        if string_value(keywords.get("reduction", cst.SimpleString('""'))) != "none":
-            raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none'")
+        reduction = string_value(keywords.get("reduction", cst.SimpleString('""')))
+        if reduction not in ("none", "sum"):
+            raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none' or 'sum'")
+        return reduction
 
     def _per_token_loss(self, logits, labels, ignore, node) -> Tokens:
         if not (isinstance(logits, View) and isinstance(labels, View)):
