@@ -594,6 +594,7 @@ def _narrowed(statement: cst.SimpleStatementLine, names: set[str]) -> cst.Simple
         return statement.with_changes(leading_lines=())
     if isinstance(small.names, cst.ImportStar):  # `import *` is only allowed at module level, the program is a function
         kept = [cst.ImportAlias(cst.Name(name)) for name in sorted(names)]
+        statement = statement.with_changes(trailing_whitespace=cst.TrailingWhitespace())  # its comment is about the star
     else:
         kept = [alias.with_changes(comma=cst.MaybeSentinel.DEFAULT) for alias in small.names
                 if (alias.evaluated_alias or alias.evaluated_name) in names]
