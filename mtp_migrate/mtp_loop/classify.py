@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import libcst as cst
 import libcst.matchers as m
 
+from mtp_migrate.config import Count, WeightAlignment
 from mtp_migrate.cst_utils import code, literal_number
 from mtp_migrate.mtp_loop.dtypes import FLOAT64, OF_CROSS_ENTROPY, DType, Promotion
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator
@@ -46,7 +47,7 @@ class Factor:
     """A resolved per-token factor: what it is, where it is aligned and how to write it whole."""
 
     view: View
-    alignment: str  # "target", "previous" or "input"
+    alignment: WeightAlignment
     per_head: bool
     valid: bool  # labels != ignore_index: the utility's mask_ignored_labels
 
@@ -207,7 +208,8 @@ class Classifier:
         if not self._is_length(self._length(view)):
             raise Refusal(Code.POSITIONS, f"the slice of `{view.base.text}` does not cover the S-k positions of head k")
         start = self.resolve(view.start)
-        alignment = {Lin.of(K): "target", Lin.of(K, 1, -1): "previous", Lin(): "input"}.get(start)
+        alignments: dict[Lin, WeightAlignment] = {Lin.of(K): "target", Lin.of(K, 1, -1): "previous", Lin(): "input"}
+        alignment = alignments.get(start)
         if alignment is None:
             raise Refusal(Code.POSITIONS, f"`{view.base.text}` is aligned at an offset the utility has no option for")
         per_head = view.head is not None
@@ -215,7 +217,7 @@ class Classifier:
             raise Refusal(Code.HEAD_INDEXING, f"per-head `{view.base.text}` must be `[:, :S-k, k-1]`")
         return Factor(view, alignment, per_head, self._is_valid(view, alignment))
 
-    def _is_valid(self, view: View, alignment: str) -> bool:
+    def _is_valid(self, view: View, alignment: WeightAlignment) -> bool:
         """``labels != ignore_index`` at the targets, as cross_entropy ignores them."""
         ops = [op for op in view.ops if op.kind != "precision"]
         if view.base.text != self.ce.labels.base.text or alignment != "target" or not ops:
@@ -334,7 +336,7 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
             (only,) = split
             mask = Counter({f: n for f, n in only.denominator.items() if f.alignment == "target" and not f.per_head})
             weights = only.denominator - mask
-            valid_average = average[only.name].divisor.startswith("valid:")
+            valid_average = average[only.name].divisor.kind == "valid"
             if weights or valid_average or ev.head0:
                 weighted_ratio, normalize = only, "weights" if weights else "mask"
             else:
@@ -368,14 +370,14 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
         if r is None:
             continue
         divisor = average[r.name].divisor
-        if divisor.startswith("valid:"):
+        if divisor.kind == "valid":
             if r is not weighted_ratio:
                 raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is averaged over the valid heads only")
-            counter = divisor.removeprefix("valid:")
-            _check_counter(ev, counter, r.name)
+            _check_counter(ev, divisor.counter, r.name)
             head_average = "valid"
-        elif divisor != "heads":
-            raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is divided by {divisor}, not by the number of heads")
+        elif divisor.kind != "heads":
+            raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is divided by `{divisor.text}`, not by the number of "
+                                             "heads")
 
     head0_output, head0_item = None, False
     for metric in ev.head0:
@@ -388,7 +390,7 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
 
     ignore = None if _same_constant(classifier.ce.ignore_text, "-100") else classifier.ce.ignore_text
     logits_dtype = DType.of(FLOAT64) if classifier.computes_in_fp64 else classifier.ce_dtypes[0]
-    counts = {"weighted": "heads_with_weight" if normalize == "weights" else "heads_with_tokens",
+    counts: dict[str, Count] = {"weighted": "heads_with_weight" if normalize == "weights" else "heads_with_tokens",
               "unweighted": "heads_with_tokens"}
     results = {}
     for kind, r in (("weighted", weighted_ratio), ("unweighted", unweighted_ratio)):

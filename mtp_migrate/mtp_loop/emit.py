@@ -10,7 +10,15 @@ import libcst.matchers as m
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, OPTION_DEFAULTS, UNWEIGHTED, WEIGHTED
 from mtp_migrate.cst_utils import code
 from mtp_migrate.mtp_loop.site import Site
-from mtp_migrate.mtp_loop.spec import Action, LoopSpec, Result, ScaledOutput
+from mtp_migrate.mtp_loop.spec import (
+    PER_HEAD_LOSS,
+    UNWEIGHTED_LOSS,
+    WEIGHTED_LOSS,
+    Action,
+    LoopSpec,
+    Result,
+    ScaledOutput,
+)
 
 _RESULT_NAMES = ("ce_losses", "mtp_ce_losses", "mtp_ce_loss_outputs")
 
@@ -94,7 +102,7 @@ def _value(result: Result, call_dtype, losses: str, access: str, item: bool) -> 
 
 def _scaled_value(scaled: ScaledOutput, call_dtype, losses: str) -> str:
     """``sum(scale_k * per_head_k for k, per_head_k in ...) / n``: the loop's products, in its order."""
-    per_head = f'{losses}["per_head_ce_loss"]'
+    per_head = f'{losses}["{PER_HEAD_LOSS}"]'
     loss = next(name for name in ("head_loss", "head_ce_loss", "per_head_loss")
                 if not re.search(rf"\b{name}\b", scaled.template))
     term = scaled.template.format(loss + (scaled.dtype.cast(call_dtype, loss) or ""))
@@ -123,9 +131,9 @@ def replacement(site: Site, utility_names: dict[str, str], taken: set[str],
     spec = site.spec
     function = function_name(spec)
     local = utility_names[function]
-    outputs = [(spec.weighted_output, '["weighted_ce_loss"]', spec.weighted_result, False),
-               (spec.unweighted_output, '["unweighted_ce_loss"]', spec.unweighted_result, False),
-               (spec.head0_output, '["per_head_ce_loss"][0]', spec.head0_result, spec.head0_item)]
+    outputs = [(spec.weighted_output, f'["{WEIGHTED_LOSS}"]', spec.weighted_result, False),
+               (spec.unweighted_output, f'["{UNWEIGHTED_LOSS}"]', spec.unweighted_result, False),
+               (spec.head0_output, f'["{PER_HEAD_LOSS}"][0]', spec.head0_result, spec.head0_item)]
     outputs = [output for output in outputs if output[0] is not None]
     if function == UNWEIGHTED:
         ((target, _, result, _),) = outputs

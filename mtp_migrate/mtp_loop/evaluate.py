@@ -15,7 +15,6 @@ from mtp_migrate.mtp_loop.expressions import ExpressionEvaluator, _is_zero
 from mtp_migrate.mtp_loop.facts import Facts
 from mtp_migrate.mtp_loop.symbolic import (
     Accumulation,
-    CrossEntropy,
     Head0Metric,
     K,
     Layout,
@@ -32,19 +31,12 @@ class LoopEvaluator(ExpressionEvaluator):
     """Walks ``for k in range(...)`` once, symbolically, collecting what it accumulates."""
 
     def __init__(self, loop: cst.For, accumulators: set[str], facts: Facts, lists: set[str]):
-        self.facts = facts
+        super().__init__(accumulators, facts)
         self.lists = lists  # accumulators that start as `[]`: appended to, and summed after the loop
-        self.qualified = facts.qualified
-        self.index = facts.index
-        self.accumulators = accumulators
-        self.env: dict[str, object] = {}
-        self.outer_names: set[str] = set()  # names the outer expressions read
         self.accumulations: list[Accumulation] = []
         self.head0: list[Head0Metric] = []
         self.top_level: list[str] = []  # tensors bound at the top level of the body, in order
-        self.cross_entropy: CrossEntropy | None = None
         self.length_guards: list[Lin] = []  # each must be S - k once dimensions are resolved
-        self.dimension_names: dict = {}  # Dim -> the name the loop read it through (seq_len)
         self.count_name: str | None = None  # `n` of `range(1, (n := ...) + 1)`
         self.loop_name, self.head_offset, self.head_count = self._range(loop)
 

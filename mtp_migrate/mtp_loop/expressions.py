@@ -11,20 +11,27 @@ expression form a loop may contain, and splitting it would scatter that recursio
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.cst_utils import code, literal_int, literal_number, string_value
+from mtp_migrate.flow.dataflow import reaching_definition
+from mtp_migrate.flow.names import changed_in_place
 from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
+from mtp_migrate.mtp_loop.facts import Facts
+from mtp_migrate.mtp_loop.losses import LOG_SOFTMAX, Form, LossSpelling, looks_like_loss, spelling
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
+    Dim,
     Free,
     HeadScale,
     K,
     Layout,
     Lin,
+    Masked,
     Op,
     Outer,
     Ratio,
@@ -34,9 +41,6 @@ from mtp_migrate.mtp_loop.symbolic import (
 )
 from mtp_migrate.refusals import Code, Refusal
 
-CROSS_ENTROPY = "torch.nn.functional.cross_entropy"
-NLL_LOSS = "torch.nn.functional.nll_loss"
-LOG_SOFTMAX = {"torch.nn.functional.log_softmax", "torch.log_softmax"}
 TORCH_SUM = "torch.sum"
 TORCH_WHERE = "torch.where"
 _ARITHMETIC_METHODS = {"mul": cst.Multiply, "multiply": cst.Multiply, "div": cst.Divide, "divide": cst.Divide,
@@ -50,6 +54,7 @@ _COMPARE_OPERATORS = {cst.NotEqual: "!=", cst.Equal: "==", cst.GreaterThan: ">",
                       cst.LessThan: "<", cst.LessThanEqual: "<="}
 _FLATTEN = ("reshape", "view")
 _SCALE_OPERATORS = (cst.Add, cst.Subtract, cst.Multiply, cst.Divide, cst.Power)
+_RELAYOUT = ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose", "permute", "squeeze", "unsqueeze")
 
 
 def _compare(operator: str, operand: str) -> Op:
@@ -57,8 +62,9 @@ def _compare(operator: str, operand: str) -> Op:
 
 
 class LogSoftmax(NamedTuple):
-    receiver: object
-    args: tuple
+    """``log_softmax`` of a view of the logits over its vocabulary axis, laid out as the view is."""
+
+    logits: View
 
 
 def _is_full(element: cst.SubscriptElement) -> bool:
@@ -70,7 +76,23 @@ def _is_zero(node: cst.BaseExpression) -> bool:
 
 
 class ExpressionEvaluator:
-    """The expression half of ``LoopEvaluator``: subclasses hold the loop's state (``env``, ``facts``...)."""
+    """The expression half of ``LoopEvaluator``, with all the state the expressions read and write.
+
+    ``loop_name`` and ``head_offset`` come from the loop header, which ``LoopEvaluator`` reads.
+    """
+
+    loop_name: str  # `k` of `for k in range(...)`
+    head_offset: int  # k = loop variable + head_offset
+
+    def __init__(self, accumulators: set[str], facts: Facts):
+        self.facts = facts
+        self.qualified = facts.qualified
+        self.index = facts.index
+        self.accumulators = accumulators
+        self.env: dict[str, object] = {}  # what the body bound so far: a Lin, a View, Tokens, a Total...
+        self.outer_names: set[str] = set()  # names the outer expressions read
+        self.cross_entropy: CrossEntropy | None = None  # the loop's one per-token loss, once seen
+        self.dimension_names: dict[Dim, str] = {}  # Dim -> the name the loop read it through (seq_len)
 
     def position(self, node: cst.BaseExpression) -> Lin:
         value = literal_int(node)
@@ -197,14 +219,18 @@ class ExpressionEvaluator:
 
     def call(self, node: cst.Call):
         names = self.qualified(node.func)
-        if names == {CROSS_ENTROPY}:
-            return self.cross_entropy_call(node)
-        if names == {NLL_LOSS}:
-            return self.nll_call(node)
-        if any(name.endswith("cross_entropy") for name in names) or m.matches(node.func, m.Name("cross_entropy") | m.Attribute(attr=m.Name("cross_entropy"))):
+        if names and names <= LOG_SOFTMAX and node.args and not node.args[0].keyword and not node.args[0].star:
+            return self._over_vocabulary(self.value(node.args[0].value), node.args[1:], node)
+        loss = spelling(names, Form.FUNCTION)
+        if loss is not None:
+            return self.loss_call(node, loss)
+        module = self._loss_module(node)
+        if module is not None:
+            return self.loss_call(node, *module)
+        if looks_like_loss(names, code(node.func)):
             found = ", ".join(sorted(names)) or code(node.func)
             raise Refusal(Code.NOT_TORCH_CROSS_ENTROPY,
-                          f"`{code(node.func)}` is {found}, not torch.nn.functional.cross_entropy")
+                          f"`{code(node.func)}` is {found}, not a torch loss the utility computes")
         if names == {TORCH_WHERE}:
             return self._safe_denominator(node)
         if names == {TORCH_SUM}:
@@ -214,9 +240,55 @@ class ExpressionEvaluator:
         if not isinstance(node.func, cst.Attribute):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         method, receiver = node.func.attr.value, self.value(node.func.value)
+        if isinstance(receiver, LogSoftmax):
+            return self._log_probs_method(node, method, receiver)
+        if isinstance(receiver, Masked):
+            if method not in _RELAYOUT or method in ("view_as", "reshape_as"):
+                raise Refusal(Code.STATEMENT, f"cannot follow `{code(node)}` on masked labels")
+            return Masked(self._relayout(receiver.labels, method, list(node.args), node),
+                          self._relayout(receiver.keep, method, list(node.args), node), receiver.fill)
         if isinstance(receiver, Outer):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         return self.method(node, method, receiver)
+
+    def _masked_fill(self, receiver, args: list[cst.Arg], node: cst.Call) -> Masked:
+        """``labels.masked_fill(condition, fill)`` with a literal integer ``fill``: the loss ignores the
+        filled labels when ``fill`` is its ignore_index (checked where they reach the loss)."""
+        if not isinstance(receiver, View) or len(args) != 2 or any(a.keyword or a.star for a in args) or \
+                literal_int(args[1].value) is None:
+            raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
+        keep = self._negation(args[0].value)
+        if keep.layout is not receiver.layout or receiver.layout not in (Layout.GRID, Layout.FLAT):
+            raise Refusal(Code.LAYOUT, f"`{code(node)}`: the labels and the condition are not laid out alike")
+        return Masked(receiver, keep, literal_int(args[1].value))
+
+    def _negation(self, node: cst.BaseExpression) -> View:
+        """The boolean view that is true where ``node`` is false: ``~b`` or ``b.logical_not()`` of a boolean
+        ``b``, or a ``==`` / ``!=`` turned around (an order comparison is not: NaN fails both ways)."""
+        inner = node.expression if m.matches(node, m.UnaryOperation(operator=m.BitInvert())) else \
+            node.func.value if m.matches(node, m.Call(func=m.Attribute(attr=m.Name("logical_not")), args=[])) \
+            else None
+        value = self.value(node if inner is None else inner)
+        if isinstance(value, View) and value.boolean and inner is not None:
+            return value
+        if isinstance(value, View) and inner is None and value.ops and value.ops[-1].kind == "compare" and \
+                value.ops[-1].operator in ("==", "!="):
+            last = value.ops[-1]
+            flipped = _compare("!=" if last.operator == "==" else "==", last.operand)
+            return View(value.base, value.start, value.stop, value.head, value.layout, (*value.ops[:-1], flipped),
+                        value.shape_checks)
+        raise Refusal(Code.STATEMENT, f"cannot negate the condition `{code(node)}`")
+
+    def _log_probs_method(self, node: cst.Call, method: str, receiver: LogSoftmax) -> LogSoftmax:
+        """A new layout of log-probabilities: the vocabulary axis moves with the logits'."""
+        if method == "contiguous" and not node.args:
+            return receiver
+        if method not in _RELAYOUT:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node)}` on log-probabilities")
+        logits = self._relayout(receiver.logits, method, list(node.args), node)
+        if logits.layout not in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT, Layout.CLASS_FIRST):
+            raise Refusal(Code.LAYOUT, f"`{code(node)}` does not keep the vocabulary axis of the log-probabilities")
+        return LogSoftmax(logits)
 
     def method(self, node: cst.Call, method: str, receiver):
         if method in ("to", "type"):  # `.to(dtype)` with `dtype = logits.dtype` bound in the loop: that outer value
@@ -240,11 +312,12 @@ class ExpressionEvaluator:
             return self._apply(receiver, op, node)
         if method in ("contiguous",) and not args:
             return receiver
-        if method in ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose", "permute", "squeeze",
-                      "unsqueeze"):
+        if method in _RELAYOUT:
             return self._relayout(receiver, method, args, node)
         if method == "log_softmax":
-            return LogSoftmax(receiver, tuple(args))
+            return self._over_vocabulary(receiver, args, node)
+        if method == "masked_fill":
+            return self._masked_fill(receiver, args, node)
         raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
 
     def _op(self, node: cst.Call, method: str, args) -> Op | None:
@@ -374,69 +447,111 @@ class ExpressionEvaluator:
 
     # -- cross-entropy
     @staticmethod
-    def _input_and_target(node: cst.Call) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
+    def _input_and_target(args) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
         """``([input, target], options)`` of a loss call, by position or by keyword, or ``([], {})``."""
-        if any(a.star for a in node.args):
+        if any(a.star for a in args):
             return [], {}
-        positional = [a.value for a in node.args if a.keyword is None]
-        keywords = {a.keyword.value: a.value for a in node.args if a.keyword is not None}
+        positional = [a.value for a in args if a.keyword is None]
+        keywords = {a.keyword.value: a.value for a in args if a.keyword is not None}
         for name in ("input", "target")[len(positional):]:
             if name in keywords:
                 positional.append(keywords.pop(name))
         return positional, keywords
 
-    def cross_entropy_call(self, node: cst.Call):
-        positional, keywords = self._input_and_target(node)
+    def _loss_module(self, node: cst.Call) -> tuple[LossSpelling, Sequence[cst.Arg]] | None:
+        """``(spelling, constructor arguments)`` when ``node`` calls a name bound, once and before the loop,
+        to a registered loss module that nothing changes or reads but its calls, else ``None``."""
+        if not isinstance(node.func, cst.Name):
+            return None
+        name = node.func.value
+        definition = reaching_definition(self.index, self.facts.point, name, changed_in_place)
+        if definition.kind not in ("statement", "change") or not isinstance(definition.statement,
+                                                                           cst.SimpleStatementLine):
+            return None
+        (small,) = definition.statement.body
+        if definition.kind == "change":
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{name}` may be changed after it is built: "
+                                                       f"`{code(small).strip()}`")
+        if not m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name(name))], value=m.Call())):
+            return None
+        loss = spelling(self.qualified(small.value.func), Form.MODULE)
+        if loss is None:
+            return None
+        calls = {id(call.func) for call in m.findall(self.facts.point.scope, m.Call(func=m.Name(name)))}
+        # Another read could alias the module (`c = criterion; c.ignore_index = 0`) or change it.
+        other = {id(n) for n in m.findall(self.facts.point.scope, m.Name(name))} - calls - {id(small.targets[0].target)}
+        other -= {id(a.attr) for a in m.findall(self.facts.point.scope, m.Attribute(attr=m.Name(name)))}
+        other -= {id(a.keyword) for a in m.findall(self.facts.point.scope, m.Arg(keyword=m.Name(name)))}
+        if other:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{name}` is used other than called; its options may "
+                                                       "change after it is built")
+        for arg in small.value.args:
+            if not self.facts.same_value(arg.value, definition.point):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(arg.value)}`, read when `{name}` was built, "
+                                                           "may have changed by the loop")
+        return loss, small.value.args
+
+    def loss_call(self, node: cst.Call, loss: LossSpelling, built: Sequence[cst.Arg] | None = None) -> Tokens | Total:
+        """A registered loss called on ``node``'s input and target; its options are the call's keywords, or
+        for a module the arguments it was ``built`` with."""
+        positional, keywords = self._input_and_target(node.args)
         if len(positional) != 2:
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy must take the logits and labels (by position "
-                                                       "or as input= and target=) and its options by keyword")
-        self._check_keywords(keywords, {"reduction", "ignore_index", "label_smoothing", "weight"})
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node.func)}` must take its input and target (by "
+                                                       "position or as input= and target=) and its options by "
+                                                       "keyword")
+        if built is not None:
+            if keywords:
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"keyword `{sorted(keywords)[0]}` of a loss module call")
+            if any(a.keyword is None for a in built):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "a loss module's options must be given by keyword")
+            keywords = {a.keyword.value: a.value for a in built}
+        reduction = self._check_keywords(keywords, loss.options)
         if not _is_zero(keywords.get("label_smoothing", cst.Integer("0"))):
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `label_smoothing` has no equivalent "
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `label_smoothing` has no equivalent "
                                                        "in the utility")
         if "weight" in keywords and not m.matches(keywords["weight"], m.Name("None")):
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `weight` (class weights) has no "
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `weight` (class weights) has no "
                                                        "equivalent in the utility")
-        return self._per_token_loss(self.value(positional[0]), self.value(positional[1]),
-                                    keywords.get("ignore_index"), node)
+        logits = self._log_softmax(positional[0]) if loss.reads == "log_probs" else self.value(positional[0])
+        tokens = self._per_token_loss(logits, self.value(positional[1]), keywords.get("ignore_index"), node)
+        return Total(*self._total(tokens)) if reduction == "sum" else tokens  # "sum" is the per-token losses' sum
 
-    def nll_call(self, node: cst.Call):
-        positional, keywords = self._input_and_target(node)
-        if len(positional) != 2:
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "nll_loss must take its input and target (by position or "
-                                                       "as input= and target=)")
-        self._check_keywords(keywords, {"reduction", "ignore_index"})
-        log_probs = self._log_softmax(positional[0])
-        return self._per_token_loss(log_probs, self.value(positional[1]), keywords.get("ignore_index"), node)
+    def _log_softmax(self, node: cst.BaseExpression) -> View:
+        """The logits whose log-probabilities ``node`` is (the input of a ``log_probs`` loss)."""
+        value = self.value(node)
+        if not isinstance(value, LogSoftmax):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"nll_loss of `{code(node)}`, not of a log_softmax")
+        return value.logits
 
-    def _log_softmax(self, node: cst.BaseExpression):
-        if isinstance(node, cst.Call) and self.qualified(node.func) & LOG_SOFTMAX:
-            args = list(node.args)
-            receiver = self.value(args[0].value)
-            rest = args[1:]
-        else:
-            value = self.value(node)
-            if not isinstance(value, LogSoftmax):
-                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"nll_loss of `{code(node)}`, not of a log_softmax")
-            receiver, rest = value.receiver, list(value.args)
+    def _over_vocabulary(self, receiver, rest: Sequence[cst.Arg], node: cst.Call) -> LogSoftmax:
+        """``log_softmax(receiver, *rest)``, which must be over the vocabulary of a view of the logits."""
         dims = [literal_int(a.value) for a in rest if a.keyword is None or a.keyword.value == "dim"]
         if isinstance(receiver, View) and receiver.layout is Layout.HEAD_SLICE:
             receiver = receiver.relayout(Layout.LOGITS_GRID)
         if len(rest) != 1 or len(dims) != 1 or not isinstance(receiver, View):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"unsupported log_softmax `{code(node)}`")
-        wanted = {Layout.LOGITS_FLAT: (-1, 1), Layout.CLASS_FIRST: (1, -2)}.get(receiver.layout, ())
-        if dims[0] not in wanted:
+        wanted = {Layout.LOGITS_FLAT: (-1, 1), Layout.LOGITS_GRID: (-1, 2), Layout.CLASS_FIRST: (1, -2)}
+        if dims[0] not in wanted.get(receiver.layout, ()):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"log_softmax `{code(node)}` is not over the vocabulary")
-        return receiver
+        return LogSoftmax(receiver)
 
-    def _check_keywords(self, keywords: dict, allowed: set[str]) -> None:
+    def _check_keywords(self, keywords: dict, allowed: set[str]) -> Literal["none", "sum"]:
+        """The call's reduction, once its keywords are known to have an equivalent."""
         extra = sorted(set(keywords) - allowed)
         if extra:
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"keyword `{extra[0]}` has no equivalent in the utility")
-        if string_value(keywords.get("reduction", cst.SimpleString('""'))) != "none":
-            raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none'")
+        reduction = string_value(keywords.get("reduction", cst.SimpleString('""')))
+        if reduction not in ("none", "sum"):
+            raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none' or 'sum'")
+        return reduction
 
     def _per_token_loss(self, logits, labels, ignore, node) -> Tokens:
+        if isinstance(labels, Masked):  # the loss is 0 at a filled label: the kept ones' loss times `keep`
+            if labels.fill != (-100 if ignore is None else literal_int(ignore)):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node)}`: labels filled with {labels.fill}, "
+                                                           "not the ignore_index")
+            tokens = self._per_token_loss(logits, labels.labels, ignore, node)
+            return Tokens(tuple(sorted((*tokens.factors, labels.keep.as_factor()), key=repr)), tokens.layout)
         if not (isinstance(logits, View) and isinstance(labels, View)):
             raise Refusal(Code.HEAD_INDEXING, f"`{code(node)}` is not on a slice of the logits and of the labels")
         pairs = {(Layout.LOGITS_FLAT, Layout.FLAT): Layout.FLAT, (Layout.CLASS_FIRST, Layout.GRID): Layout.GRID}
@@ -575,6 +690,10 @@ class ExpressionEvaluator:
         op = _compare(operator, code(other))
         if isinstance(value, View):
             return value.with_op(op)
+        if isinstance(value, Masked) and operator == "!=" and literal_int(other) == value.fill:
+            # a filled label is the fill: `masked != fill` is `(labels != fill) * keep`
+            factors = (value.labels.with_op(op).as_factor(), value.keep.as_factor())
+            return Tokens(tuple(sorted(factors, key=repr)), value.layout)
         raise Refusal(Code.STATEMENT, f"unsupported comparison `{code(node)}`")
 
     # -- statements

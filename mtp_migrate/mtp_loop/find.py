@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProvider
+from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProvider, ScopeProvider
 
 from mtp_migrate.config import UTILITY_NAMES
 from mtp_migrate.cst_utils import code, dotted, literal_number
@@ -16,18 +16,18 @@ from mtp_migrate.flow.names import binds
 from mtp_migrate.mtp_loop.classify import classify
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator, evaluate
 from mtp_migrate.mtp_loop.facts import Facts
+from mtp_migrate.mtp_loop.losses import REGISTERED_NAMES, Form, suffixes
 from mtp_migrate.mtp_loop.site import Site
-from mtp_migrate.mtp_loop.spec import Average
+from mtp_migrate.mtp_loop.spec import Average, Divisor
 from mtp_migrate.mtp_loop.symbolic import Ratio, View
 from mtp_migrate.refusals import Code, Refusal
-
-_LOSS_CALLS = ("cross_entropy", "nll_loss")
 
 
 class _HeadLoops(cst.CSTVisitor):
     """The innermost ``for`` around each cross-entropy-like call (not outer batch loops)."""
 
-    def __init__(self):
+    def __init__(self, modules: set[str]):
+        self.modules = modules  # names bound to a loss module somewhere in the file: `criterion(...)` calls it
         self.loops: list[cst.For] = []
         self.found: dict[int, cst.For] = {}
 
@@ -44,7 +44,9 @@ class _HeadLoops(cst.CSTVisitor):
         self.loops.pop()
 
     def visit_Call(self, node):
-        if (dotted(node.func) or "").endswith(_LOSS_CALLS) and self.loops and self.loops[-1] is not None:
+        loss = (dotted(node.func) or "").endswith(suffixes(Form.FUNCTION)) or m.matches(
+            node.func, m.Name(m.MatchIfTrue(lambda name: name in self.modules)))
+        if loss and self.loops and self.loops[-1] is not None:
             self.found[id(self.loops[-1])] = self.loops[-1]
 
 
@@ -54,14 +56,28 @@ class Analysis:
     def __init__(self, module: cst.Module):
         wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
         self._qualified = wrapper.resolve(QualifiedNameProvider)
+        self._scopes = wrapper.resolve(ScopeProvider)
         self.positions = wrapper.resolve(PositionProvider)
         self.index = FlowIndex()
+        stars = [dotted(s.module) for s in m.findall(module, m.ImportFrom(names=m.ImportStar()))]
+        self._star = stars[0] if len(stars) == 1 and not stars[0].startswith(".") else None
 
     def qualified(self, node: cst.CSTNode) -> set[str]:
         names = self._qualified.get(node, ())
         if callable(names):  # resolved lazily by LibCST
             names = names()
+        if not names and self._star is not None and isinstance(node, cst.Name):
+            return self._from_star(node)
         return {name.name for name in names}
+
+    def _from_star(self, node: cst.Name) -> set[str]:
+        """``cross_entropy`` bound by the module's one ``from torch.nn.functional import *`` and nothing else: only
+        registered names are taken for what the star import binds (what else it binds is not known here)."""
+        scope = self._scopes.get(node)
+        name = f"{self._star}.{node.value}"
+        if scope is None or scope[node.value] or name not in REGISTERED_NAMES:
+            return set()
+        return {name}
 
 
 def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | None:
@@ -125,8 +141,7 @@ def _accumulated(statement: cst.BaseStatement) -> set[str]:
     return names
 
 
-def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
-    """``"heads"``, ``"valid:<counter>"`` or the divisor as written."""
+def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> Divisor:
     inner = node
     if isinstance(inner, cst.Call) and qualified(inner.func) & {"builtins.float", "builtins.int"} and \
             len(inner.args) == 1:
@@ -135,14 +150,14 @@ def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
         values = [a.value for a in node.args]
         counter = next((v for v in values if isinstance(v, cst.Name)), None)
         if counter is not None and any(literal_number(v) == 1 for v in values):
-            return f"valid:{counter.value}"
+            return Divisor("valid", counter=counter.value)
     if code(inner) == code(ev.head_count) or (ev.count_name and m.matches(inner, m.Name(ev.count_name))):
-        return "heads"
+        return Divisor("heads")
     here = ev.facts.expression(inner, ev.facts.point)
     there = ev.facts.expression(ev.head_count, ev.facts.point)
     if here is not None and here == there:
-        return "heads"
-    return f"`{code(node)}`"
+        return Divisor("heads")
+    return Divisor("other", code(node))
 
 
 def _reciprocal(node: cst.BaseExpression) -> cst.BaseExpression | None:
@@ -183,7 +198,7 @@ class _Inline(cst.CSTTransformer):
         self.targets = targets
         self.ev = ev
         self.qualified = qualified
-        self.divisors: dict[str, set[str]] = {}
+        self.divisors: dict[str, set[Divisor]] = {}
 
     def leave_BinaryOperation(self, original, updated):
         averaged = _averaged(original, self.ev)
@@ -425,7 +440,9 @@ def _called(decorator: cst.BaseExpression) -> cst.BaseExpression:
 
 
 def find_sites(module: cst.Module, analysis: Analysis | None = None) -> list[Site]:
-    loops = _HeadLoops()
+    built = m.findall(module, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call()))
+    loops = _HeadLoops({a.targets[0].target.value for a in built
+                        if (dotted(a.value.func) or "").endswith(suffixes(Form.MODULE))})
     module.visit(loops)
     if not loops.found:
         return []

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal, get_args
 
 import libcst as cst
 
 from mtp_migrate.config import Count, HeadAverage, Normalize, WeightAlignment
 from mtp_migrate.mtp_loop.dtypes import Promotion
 from mtp_migrate.refusals import Code, Refusal
+
+# The keys of the utility's output (``MTPLoss`` in ``loss_utils.py``; a test checks they agree): the
+# emitter reads what it writes from these.
+LossKey = Literal["weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss"]
+OutputKey = Literal[LossKey, Count]
+WEIGHTED_LOSS, UNWEIGHTED_LOSS, PER_HEAD_LOSS = get_args(LossKey)
 
 
 class Action(str, Enum):
@@ -83,18 +90,28 @@ class LoopSpec:
 
 
 @dataclass(frozen=True)
+class Divisor:
+    """What an accumulator is divided by after the loop: the loop's head count (``"heads"``),
+    ``max(counter, 1)`` for a counter of the heads with tokens (``"valid"``), or anything else
+    (``"other"``, as written)."""
+
+    kind: Literal["heads", "valid", "other"]
+    text: str = ""  # for "other"
+    counter: str | None = None  # for "valid"
+
+
+@dataclass(frozen=True)
 class Average:
     """How an accumulator is averaged over heads after the loop.
 
-    ``divisor`` is ``"heads"`` (the loop's head count), ``"valid:<counter>"``
-    (``max(counter, 1)``) or the divisor as written. ``inline`` is the statement that
-    reads ``acc / divisor`` with ``acc / divisor`` replaced by ``acc`` (a ``return`` or an
-    expression using the average), or ``None`` for ``acc /= n`` / ``out = acc / n``.
+    ``inline`` is the statement that reads ``acc / divisor`` with ``acc / divisor`` replaced
+    by ``acc`` (a ``return`` or an expression using the average), or ``None`` for
+    ``acc /= n`` / ``out = acc / n``.
     """
 
     accumulator: str
     output: str
-    divisor: str
+    divisor: Divisor
     index: int
     inline: cst.BaseStatement | None = None
     in_place: bool = False  # `acc /= n`: a tensor keeps its dtype (`acc / n` turns an integer one into a float)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Literal
 
 import libcst as cst
 
@@ -87,6 +88,9 @@ class Layout(Enum):
     CLASS_FIRST = "[B, V, S-k]"
 
 
+OpKind = Literal["precision", "value", "compare", "bool", "detach"]
+
+
 @dataclass(frozen=True)
 class Op:
     """An elementwise operation on a per-token tensor: a cast, a comparison, ``detach``.
@@ -97,7 +101,7 @@ class Op:
     ``template.format(x)``.
     """
 
-    kind: str
+    kind: OpKind
     template: str
     operator: str = ""  # for comparisons: "!=", "==", ...
     operand: str = ""  # for comparisons: the other side, as written
@@ -164,6 +168,19 @@ class View:
     def as_factor(self) -> View:
         """The view as a per-token factor: its layout belongs to the product, not to the factor."""
         return View(self.base, self.start, self.stop, self.head, Layout.GRID, self.ops, ellipsis=self.ellipsis)
+
+
+@dataclass(frozen=True)
+class Masked:
+    """``labels.masked_fill(<not keep>, fill)``: the labels where the boolean ``keep`` holds, ``fill`` elsewhere."""
+
+    labels: View
+    keep: View
+    fill: int
+
+    @property
+    def layout(self) -> Layout:
+        return self.labels.layout
 
 
 @dataclass(frozen=True)
