@@ -347,9 +347,9 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
         if not r.plain or r.denominator != mask:
             raise Refusal(Code.MASK_AND_WEIGHTS, f"`{r.name}` scales a per-head loss that is not the call's "
                                                  "per_head_ce_loss (an unweighted mean over the call's mask)")
-        if average[r.name].divisor != "heads":
-            raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is divided by {average[r.name].divisor}, not by the "
-                                             "number of heads")
+        if average[r.name].divisor.kind != "heads":
+            raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is divided by `{average[r.name].divisor.text}`, not by "
+                                             "the number of heads")
     if any(f.alignment != "target" or f.per_head for f in mask):
         raise Refusal(Code.MASK_AND_WEIGHTS, "the mask is not aligned with the targets (t + k)")
     valid = ratios[0].valid
