@@ -31,7 +31,6 @@ from mtp_migrate.mtp_loop.symbolic import (
     K,
     Layout,
     Lin,
-    Masked,
     Op,
     Outer,
     Ratio,
@@ -242,42 +241,9 @@ class ExpressionEvaluator:
         method, receiver = node.func.attr.value, self.value(node.func.value)
         if isinstance(receiver, LogSoftmax):
             return self._log_probs_method(node, method, receiver)
-        if isinstance(receiver, Masked):
-            if method not in _RELAYOUT or method in ("view_as", "reshape_as"):
-                raise Refusal(Code.STATEMENT, f"cannot follow `{code(node)}` on masked labels")
-            return Masked(self._relayout(receiver.labels, method, list(node.args), node),
-                          self._relayout(receiver.keep, method, list(node.args), node), receiver.fill)
         if isinstance(receiver, Outer):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         return self.method(node, method, receiver)
-
-    def _masked_fill(self, receiver, args: list[cst.Arg], node: cst.Call) -> Masked:
-        """``labels.masked_fill(condition, fill)`` with a literal integer ``fill``: the loss ignores the
-        filled labels when ``fill`` is its ignore_index (checked where they reach the loss)."""
-        if not isinstance(receiver, View) or len(args) != 2 or any(a.keyword or a.star for a in args) or \
-                literal_int(args[1].value) is None:
-            raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
-        keep = self._negation(args[0].value)
-        if keep.layout is not receiver.layout or receiver.layout not in (Layout.GRID, Layout.FLAT):
-            raise Refusal(Code.LAYOUT, f"`{code(node)}`: the labels and the condition are not laid out alike")
-        return Masked(receiver, keep, literal_int(args[1].value))
-
-    def _negation(self, node: cst.BaseExpression) -> View:
-        """The boolean view that is true where ``node`` is false: ``~b`` or ``b.logical_not()`` of a boolean
-        ``b``, or a ``==`` / ``!=`` turned around (an order comparison is not: NaN fails both ways)."""
-        inner = node.expression if m.matches(node, m.UnaryOperation(operator=m.BitInvert())) else \
-            node.func.value if m.matches(node, m.Call(func=m.Attribute(attr=m.Name("logical_not")), args=[])) \
-            else None
-        value = self.value(node if inner is None else inner)
-        if isinstance(value, View) and value.boolean and inner is not None:
-            return value
-        if isinstance(value, View) and inner is None and value.ops and value.ops[-1].kind == "compare" and \
-                value.ops[-1].operator in ("==", "!="):
-            last = value.ops[-1]
-            flipped = _compare("!=" if last.operator == "==" else "==", last.operand)
-            return View(value.base, value.start, value.stop, value.head, value.layout, (*value.ops[:-1], flipped),
-                        value.shape_checks)
-        raise Refusal(Code.STATEMENT, f"cannot negate the condition `{code(node)}`")
 
     def _log_probs_method(self, node: cst.Call, method: str, receiver: LogSoftmax) -> LogSoftmax:
         """A new layout of log-probabilities: the vocabulary axis moves with the logits'."""
@@ -316,8 +282,6 @@ class ExpressionEvaluator:
             return self._relayout(receiver, method, args, node)
         if method == "log_softmax":
             return self._over_vocabulary(receiver, args, node)
-        if method == "masked_fill":
-            return self._masked_fill(receiver, args, node)
         raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
 
     def _op(self, node: cst.Call, method: str, args) -> Op | None:
@@ -546,12 +510,6 @@ class ExpressionEvaluator:
         return reduction
 
     def _per_token_loss(self, logits, labels, ignore, node) -> Tokens:
-        if isinstance(labels, Masked):  # the loss is 0 at a filled label: the kept ones' loss times `keep`
-            if labels.fill != (-100 if ignore is None else literal_int(ignore)):
-                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node)}`: labels filled with {labels.fill}, "
-                                                           "not the ignore_index")
-            tokens = self._per_token_loss(logits, labels.labels, ignore, node)
-            return Tokens(tuple(sorted((*tokens.factors, labels.keep.as_factor()), key=repr)), tokens.layout)
         if not (isinstance(logits, View) and isinstance(labels, View)):
             raise Refusal(Code.HEAD_INDEXING, f"`{code(node)}` is not on a slice of the logits and of the labels")
         pairs = {(Layout.LOGITS_FLAT, Layout.FLAT): Layout.FLAT, (Layout.CLASS_FIRST, Layout.GRID): Layout.GRID}
@@ -690,10 +648,6 @@ class ExpressionEvaluator:
         op = _compare(operator, code(other))
         if isinstance(value, View):
             return value.with_op(op)
-        if isinstance(value, Masked) and operator == "!=" and literal_int(other) == value.fill:
-            # a filled label is the fill: `masked != fill` is `(labels != fill) * keep`
-            factors = (value.labels.with_op(op).as_factor(), value.keep.as_factor())
-            return Tokens(tuple(sorted(factors, key=repr)), value.layout)
         raise Refusal(Code.STATEMENT, f"unsupported comparison `{code(node)}`")
 
     # -- statements

@@ -171,19 +171,6 @@ class View:
 
 
 @dataclass(frozen=True)
-class Masked:
-    """``labels.masked_fill(<not keep>, fill)``: the labels where the boolean ``keep`` holds, ``fill`` elsewhere."""
-
-    labels: View
-    keep: View
-    fill: int
-
-    @property
-    def layout(self) -> Layout:
-        return self.labels.layout
-
-
-@dataclass(frozen=True)
 class CrossEntropy:
     """The per-token cross-entropy of a logits view against a labels view."""
 
