@@ -49,7 +49,9 @@ NLL_LOSS = LossSpelling(frozenset({"torch.nn.functional.nll_loss"}), b"nll_loss"
                         frozenset({"reduction", "ignore_index"}), "log_probs")
 CROSS_ENTROPY_LOSS = LossSpelling(frozenset({"torch.nn.CrossEntropyLoss", "torch.nn.modules.loss.CrossEntropyLoss"}),
                                   b"CrossEntropyLoss", _CROSS_ENTROPY_OPTIONS, "logits", Form.MODULE)
-LOSSES: tuple[LossSpelling, ...] = (CROSS_ENTROPY, NLL_LOSS, CROSS_ENTROPY_LOSS)
+NLL_LOSS_MODULE = LossSpelling(frozenset({"torch.nn.NLLLoss", "torch.nn.modules.loss.NLLLoss"}), b"NLLLoss",
+                               NLL_LOSS.options, "log_probs", Form.MODULE)
+LOSSES: tuple[LossSpelling, ...] = (CROSS_ENTROPY, NLL_LOSS, CROSS_ENTROPY_LOSS, NLL_LOSS_MODULE)
 
 # The input of a ``log_probs`` loss.
 LOG_SOFTMAX = frozenset({"torch.nn.functional.log_softmax", "torch.log_softmax"})
