@@ -112,13 +112,11 @@ def variations(base: Case, slots, seed: int) -> list[Case]:
 
 def extra_cases(base: Case, slots) -> list[Case]:
     """Shapes and precisions real code has and the grid leaves out, tried once a site passed the grid:
-    weights of shape ``[B, S, 1]`` (a reward head's; at B=1 too), every tensor but the logits one position
+    weights of shape ``[B, S, 1]`` (a reward head's), every tensor but the logits one position
     longer (``logits = model(input_ids[:, :-1])``), each floating input in fp64 among fp32 ones,
     and every dimension larger than the grid's."""
     tensors = [slot for slot in slots if slot.kind == "tensor" and slot.rank != 0]
-    # Also at B=1: [B, S-k] times [B, S-k, 1] broadcasts to [B, S-k, S-k] there and raises elsewhere.
-    cases = [replace(base, singleton=(slot.param,), shape={**base.shape, "B": batch})
-             for slot in tensors if slot.weights and slot.rank == 2 for batch in dict.fromkeys((base.shape["B"], 1))]
+    cases = [replace(base, singleton=(slot.param,)) for slot in tensors if slot.weights and slot.rank == 2]
     longer = {slot.param: 1 for slot in tensors if base.choices[slot.param] != "logits"}
     if longer:
         cases.append(replace(base, lengths=longer))
