@@ -19,6 +19,7 @@ from mtp_migrate.cache import Cache, digest
 from mtp_migrate.commands.rewrite_mtp_loop import RewriteMTPLoopCommand, Verifier
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, DEFAULT_RHO1, DEFAULT_UTILITY_MODULE
 from mtp_migrate.import_order import FirstParty
+from mtp_migrate.mtp_loop.losses import PREFILTER
 from mtp_migrate.mtp_loop.spec import Action, SiteReport
 from mtp_migrate.refusals import Refusal
 from mtp_migrate.source import MigrationError, check_bytes, parse_source
@@ -26,8 +27,6 @@ from mtp_migrate.vendoring import SHIPPED_UTILITY, utility_target
 from mtp_migrate.verify import verify_sites
 from mtp_migrate.verify.emit import GuardedSite, Recorder
 
-# A file without any of these cannot hold a site: it is never parsed.
-PREFILTER = (b"cross_entropy", b"nll_loss")
 MAX_BYTES = 1 << 20  # a pipeline is 5 to 50 KiB; past this even Python's parser takes seconds (docs/cli.md)
 STACK_BYTES = 512 << 20  # address space only: pages are used as the recursion reaches them
 RECURSION_LIMIT = 100_000
@@ -84,7 +83,7 @@ def migrate_file(path: Path, *, rho1: str = DEFAULT_RHO1, utility_module: str | 
     except OSError as error:
         raise MigrationError(f"cannot read: {error.strerror or error}") from None
     check_bytes(data)
-    if not any(marker in data for marker in PREFILTER):
+    if not any(marker in data for marker in PREFILTER):  # it cannot hold a site: never parsed
         return FileResult(data, data)
     if len(data) > MAX_BYTES:
         raise MigrationError(f"{len(data) >> 10} KiB, over the {MAX_BYTES >> 10} KiB a file may have to be "

@@ -22,8 +22,8 @@ from mtp_migrate.config import UTILITY_NAMES
 from mtp_migrate.cst_utils import code
 from mtp_migrate.flow.dataflow import FlowIndex, Level, Point, blocks_of, locate
 from mtp_migrate.mtp_loop.find import find_sites
+from mtp_migrate.mtp_loop.losses import PREFILTER
 from mtp_migrate.refusals import Code, Refusal
-from mtp_migrate.runner import PREFILTER
 from mtp_migrate.source import MigrationError, check_bytes, parse_source
 from mtp_migrate.vendoring import SHIPPED_UTILITY, utility_target
 from mtp_migrate.verify.program import build

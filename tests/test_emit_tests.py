@@ -1,9 +1,9 @@
 """``--emit-tests DIR``: the equivalence tests a migration leaves in the target repository.
 
 They run with torch and pytest alone (the tool's packages are made unimportable), pass
-ruff's default rules, fail where a seeded change to the vendored utility breaks a site and
-only there, and survive re-runs: idempotent, extended by newly migrated sites, never
-written over a file the tool did not write.
+the lint rules a user's repository has (``lint_emitted.RULES``), fail where a seeded change
+to the vendored utility breaks a site and only there, and survive re-runs: idempotent,
+extended by newly migrated sites, never written over a file the tool did not write.
 """
 
 import ast
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cli_runner import invoke
+from lint_emitted import ruff_emitted
 
 ROOT = Path(__file__).parents[1]
 REPOSITORY = ROOT / "fixtures" / "repos" / "src_layout"
@@ -113,9 +114,8 @@ def test_the_generated_tests_pass_without_the_tool(migrated):
     assert re.search(r"(\d+) passed", result.stdout) and int(re.search(r"(\d+) passed", result.stdout).group(1)) > 100
 
 
-def test_the_generated_tests_pass_ruff_default_rules(migrated):
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--isolated", "tests"], cwd=migrated,
-                            capture_output=True, text=True)
+def test_the_generated_tests_pass_a_users_lint_rules(migrated):
+    result = ruff_emitted("tests", migrated)
     assert result.returncode == 0, result.stdout
 
 
@@ -233,3 +233,22 @@ def test_in_a_repository_without_a_utility_package_the_tests_check_the_vendored_
     tests = re.findall(r"^def (test_\w+)\(", (repository / "tests" / "test_mtp_migration_run_baseline.py").read_text(),
                        flags=re.M)
     assert len(tests) == 2 and failing(failed) == set(tests), failed.stdout[-3000:]  # both sites mask ignored labels
+
+
+def test_a_loop_that_imports_torch_nn_as_nn_is_frozen_with_a_from_import(tmp_path):
+    """``import torch.nn as nn`` in the loop's file: the frozen loop says ``from torch import nn`` (the same
+    module; ruff's PLR0402 flags the other form), passes the lint and still runs."""
+    pipelines = tmp_path / "repo" / "pipelines"
+    pipelines.mkdir(parents=True)
+    (tmp_path / "repo" / ".git").mkdir()
+    source = BASELINE.read_text()
+    assert "import torch.nn.functional as F\n" in source
+    source = source.replace("import torch.nn.functional as F\n", "import torch.nn as nn\n")
+    (pipelines / "run_baseline.py").write_text(source.replace("F.cross_entropy(", "nn.functional.cross_entropy("))
+    assert invoke("apply", "--emit-tests", "tests", ".", cwd=tmp_path / "repo").exit_code == 0
+    module = (tmp_path / "repo" / "tests" / "test_mtp_migration_run_baseline.py").read_text()
+    assert "    from torch import nn\n" in module and "import torch.nn as nn" not in module
+    lint = ruff_emitted("tests", tmp_path / "repo")
+    assert lint.returncode == 0, lint.stdout
+    passed = run_emitted(tmp_path / "repo")
+    assert passed.returncode == 0 and " 0 passed" not in passed.stdout, passed.stdout + passed.stderr

@@ -1,4 +1,4 @@
-"""Remove what a rewrite made dead: shape unpacks, ``model_dtype`` lookups, imports.
+"""Remove what a rewrite made dead: shape unpacks, ``model_dtype`` lookups, loss modules, imports.
 
 Only names that the removed code read are candidates (``names``: ``--names`` on the
 command line, or what ``RewriteMTPLoopCommand`` removed), so nothing that was already
@@ -16,9 +16,10 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import CodemodContext, VisitorBasedCodemodCommand
 from libcst.codemod.visitors import RemoveImportsVisitor
-from libcst.metadata import ScopeProvider
+from libcst.metadata import QualifiedNameProvider, ScopeProvider
 
 from mtp_migrate.cst_utils import code, dotted
+from mtp_migrate.mtp_loop.losses import Form, spelling
 
 # `x.shape[i]`, `x.size(i)`, `x.dtype`, `x.device`, `next(m.parameters()).dtype`: pure lookups.
 _PURE_LOOKUP = (
@@ -80,7 +81,7 @@ class _RemoveImports(KeepsSurroundingLines, RemoveImportsVisitor):
 class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
     DESCRIPTION = "Remove shape unpacks, dtype lookups and imports that only the rewritten MTP loop used."
 
-    METADATA_DEPENDENCIES = (ScopeProvider,)
+    METADATA_DEPENDENCIES = (ScopeProvider, QualifiedNameProvider)
 
     @staticmethod
     def add_args(arg_parser: argparse.ArgumentParser) -> None:
@@ -90,14 +91,16 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
         super().__init__(context)
         self.freed = set(names)
         self.exported: set[str] = set()
-        self.imports: list[tuple[str, str | None, str | None]] = []  # (module, name, alias) to drop if unused
+        # (bound name, (module, name, alias)) of each import that may be dropped if unused and freed
+        self.imports: list[tuple[str, tuple[str, str | None, str | None]]] = []
 
     def transform_module_impl(self, tree: cst.Module) -> cst.Module:
         tree = super().transform_module_impl(tree)
-        if not self.imports:
+        imports = [spec for bound, spec in self.imports if bound in self.freed]  # freed: also what removals read
+        if not imports:
             return tree
         # Run here, once, rather than scheduled: later commands share this context.
-        return _RemoveImports(self.context, self.imports).transform_module(tree)
+        return _RemoveImports(self.context, imports).transform_module(tree)
 
     def visit_Module(self, node: cst.Module) -> None:
         for statement in node.body:
@@ -133,13 +136,13 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
                 return
             for alias in node.names:
                 bound = alias.evaluated_alias or alias.evaluated_name
-                if bound in self.freed and bound not in self.exported:
-                    self.imports.append((module, alias.evaluated_name, alias.evaluated_alias))
+                if bound not in self.exported:
+                    self.imports.append((bound, (module, alias.evaluated_name, alias.evaluated_alias)))
             return
         for alias in node.names:
             bound = alias.evaluated_alias or alias.evaluated_name.split(".")[0]
-            if bound in self.freed and bound not in self.exported:
-                self.imports.append((alias.evaluated_name, None, alias.evaluated_alias))
+            if bound not in self.exported:
+                self.imports.append((bound, (alias.evaluated_name, None, alias.evaluated_alias)))
 
     def leave_SimpleStatementLine(self, original_node, updated_node):
         if len(updated_node.body) != 1 or not isinstance(updated_node.body[0], cst.Assign):
@@ -149,14 +152,26 @@ class RemoveDeadCodeCommand(KeepsSurroundingLines, VisitorBasedCodemodCommand):
         if len(assign.targets) != 1:
             return updated_node
         target = original.targets[0].target
-        if isinstance(target, cst.Name) and (m.matches(assign.value, _PURE_LOOKUP)):
+        if isinstance(target, cst.Name) and (m.matches(assign.value, _PURE_LOOKUP) or self._builds_loss(original.value)):
             if target.value in self.freed and self._unused(target):
+                self.freed |= _reads(original.value)
                 return cst.RemoveFromParent()
             return updated_node
         if isinstance(target, cst.Tuple) and m.matches(assign.value, _SHAPE) and \
                 all(isinstance(e.value, cst.Name) for e in target.elements):
             return self._unpack(updated_node, assign, target)
         return updated_node
+
+    def _builds_loss(self, value: cst.BaseExpression) -> bool:
+        """``nn.CrossEntropyLoss(reduction="none")``: a registered loss module built from its own options,
+        with no call among them, so building it has no effect."""
+        if not isinstance(value, cst.Call):
+            return False
+        names = {name.name for name in self.get_metadata(QualifiedNameProvider, value.func, set())}
+        loss = spelling(names, Form.MODULE)
+        return loss is not None and all(
+            a.keyword is not None and a.keyword.value in loss.options for a in value.args) and not any(
+            m.findall(a.value, m.Call()) for a in value.args)
 
     def _unpack(self, statement: cst.SimpleStatementLine, assign: cst.Assign, target: cst.Tuple):
         """``b, s, n, v = x.shape`` keeps only the names still used: ``n = x.shape[2]``, ``_, s, n, _ = ...``."""
@@ -206,6 +221,14 @@ class _Removed:
         if not receiver.leading_lines:  # `# dims` above `B, S, N, V = ...` and the line after it
             return lines
         return lines[:attached]
+
+
+def _reads(node: cst.BaseExpression) -> set[str]:
+    """The names ``node`` reads (not attribute or keyword names)."""
+    names = {id(n): n.value for n in m.findall(node, m.Name())}
+    for part in m.findall(node, m.Attribute() | m.Arg()):
+        names.pop(id(part.attr if isinstance(part, cst.Attribute) else part.keyword), None)
+    return set(names.values())
 
 
 def _join(carried: list[cst.EmptyLine], own) -> list[cst.EmptyLine]:

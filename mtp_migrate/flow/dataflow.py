@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import libcst as cst
 import libcst.matchers as m
@@ -235,7 +236,7 @@ class Definition:
     handler or a loop header), ``"parameter"`` or ``"global"`` (not bound in the function).
     """
 
-    kind: str
+    kind: Literal["statement", "change", "opaque", "parameter", "global"]
     statement: cst.BaseStatement | None = None
     point: Point | None = None
 

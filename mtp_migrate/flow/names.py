@@ -71,6 +71,29 @@ class _Reads(cst.CSTVisitor):
             node.inner_for_in.visit(self)
         return False
 
+    def _comprehension(self, node, elements: tuple) -> bool:
+        """A comprehension's own variables are its scope's: only its first iterable and what its
+        element and conditions read from outside count."""
+        inner = _Reads()
+        for element in elements:
+            element.visit(inner)
+        node.for_in.visit(inner)
+        node.for_in.iter.visit(self)
+        self.names |= inner.names - _Binds.comprehension_targets(node.for_in)
+        return False
+
+    def visit_GeneratorExp(self, node: cst.GeneratorExp) -> bool:
+        return self._comprehension(node, (node.elt,))
+
+    def visit_ListComp(self, node: cst.ListComp) -> bool:
+        return self._comprehension(node, (node.elt,))
+
+    def visit_SetComp(self, node: cst.SetComp) -> bool:
+        return self._comprehension(node, (node.elt,))
+
+    def visit_DictComp(self, node: cst.DictComp) -> bool:
+        return self._comprehension(node, (node.key, node.value))
+
     def visit_AsName(self, node: cst.AsName) -> bool:
         self._target(node.name)
         return False
@@ -155,6 +178,15 @@ class _Binds(cst.CSTVisitor):
 
     def visit_CompFor(self, node) -> bool:
         return False  # comprehension variables are their own scope
+
+    @staticmethod
+    def comprehension_targets(node: cst.CompFor) -> set[str]:
+        """The variables every ``for`` of a comprehension binds."""
+        names = set()
+        while node is not None:
+            names |= target_names(node.target)
+            node = node.inner_for_in
+        return names
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
         self.names.add(node.name.value)

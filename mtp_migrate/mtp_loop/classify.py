@@ -13,12 +13,14 @@ from collections import Counter
 from dataclasses import dataclass
 
 import libcst as cst
+import libcst.matchers as m
 
-from mtp_migrate.cst_utils import code
+from mtp_migrate.config import Count, WeightAlignment
+from mtp_migrate.cst_utils import code, literal_number
 from mtp_migrate.mtp_loop.dtypes import FLOAT64, OF_CROSS_ENTROPY, DType, Promotion
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator
-from mtp_migrate.mtp_loop.results import accumulator_result, head0_result
-from mtp_migrate.mtp_loop.spec import Average, LoopSpec, Result
+from mtp_migrate.mtp_loop.results import accumulator_result, head0_result, zero_dtypes
+from mtp_migrate.mtp_loop.spec import Average, LoopSpec, Result, ScaledOutput
 from mtp_migrate.mtp_loop.symbolic import (
     LENGTH,
     B,
@@ -26,6 +28,7 @@ from mtp_migrate.mtp_loop.symbolic import (
     Dim,
     Free,
     H,
+    HeadScale,
     K,
     Lin,
     Ratio,
@@ -44,7 +47,7 @@ class Factor:
     """A resolved per-token factor: what it is, where it is aligned and how to write it whole."""
 
     view: View
-    alignment: str  # "target", "previous" or "input"
+    alignment: WeightAlignment
     per_head: bool
     valid: bool  # labels != ignore_index: the utility's mask_ignored_labels
 
@@ -199,10 +202,14 @@ class Classifier:
             raise Refusal(Code.LAYOUT, f"`{text}` is not [batch, S-k]: it regroups the tokens")
 
     def factor(self, view: View) -> Factor:
+        if view.ellipsis:
+            raise Refusal(Code.HEAD_INDEXING, f"`{view.base.text}[..., h, :]` indexes the axis before its last, "
+                                              "which is the heads' only for the 4-D logits")
         if not self._is_length(self._length(view)):
             raise Refusal(Code.POSITIONS, f"the slice of `{view.base.text}` does not cover the S-k positions of head k")
         start = self.resolve(view.start)
-        alignment = {Lin.of(K): "target", Lin.of(K, 1, -1): "previous", Lin(): "input"}.get(start)
+        alignments: dict[Lin, WeightAlignment] = {Lin.of(K): "target", Lin.of(K, 1, -1): "previous", Lin(): "input"}
+        alignment = alignments.get(start)
         if alignment is None:
             raise Refusal(Code.POSITIONS, f"`{view.base.text}` is aligned at an offset the utility has no option for")
         per_head = view.head is not None
@@ -210,7 +217,7 @@ class Classifier:
             raise Refusal(Code.HEAD_INDEXING, f"per-head `{view.base.text}` must be `[:, :S-k, k-1]`")
         return Factor(view, alignment, per_head, self._is_valid(view, alignment))
 
-    def _is_valid(self, view: View, alignment: str) -> bool:
+    def _is_valid(self, view: View, alignment: WeightAlignment) -> bool:
         """``labels != ignore_index`` at the targets, as cross_entropy ignores them."""
         ops = [op for op in view.ops if op.kind != "precision"]
         if view.base.text != self.ce.labels.base.text or alignment != "target" or not ops:
@@ -237,6 +244,7 @@ class _Ratio:
     numerator: Counter  # factors besides the cross-entropy, without the label-validity factor
     denominator: Counter
     valid: bool  # the denominator masks ignored labels
+    scale: HeadScale | None = None
 
     @property
     def plain(self) -> bool:
@@ -259,7 +267,8 @@ def _ratio(classifier: Classifier, name: str, ratio: Ratio, guard: Total | None)
     num = [classifier.factor(f) for f in numerator]
     den = [classifier.factor(f) for f in ratio.denominator.factors]
     valid = any(f.valid for f in den)
-    return _Ratio(name, Counter(f for f in num if not f.valid), Counter(f for f in den if not f.valid), valid)
+    return _Ratio(name, Counter(f for f in num if not f.valid), Counter(f for f in den if not f.valid), valid,
+                  ratio.scale)
 
 
 def _expression(classifier: Classifier, factors: Counter, what: str) -> tuple[str, str, bool]:
@@ -296,8 +305,9 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
     for r in ratios:
         if r.name not in average:
             raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is not averaged over the heads right after the loop")
-    plains = [r for r in ratios if r.plain]
-    weighted = [r for r in ratios if not r.plain]
+    scaled = [r for r in ratios if r.scale is not None]
+    plains = [r for r in ratios if r.plain and r.scale is None]
+    weighted = [r for r in ratios if not r.plain and r.scale is None]
     if any(not (r.denominator <= r.numerator) for r in weighted):
         raise Refusal(Code.MASK_AND_WEIGHTS, "a ratio whose denominator has factors its numerator lacks")
     if len(weighted) > 1 or len(plains) > 2 or (weighted and len(plains) > 1):
@@ -312,6 +322,8 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
             (unweighted_ratio,) = plains
             if unweighted_ratio.denominator != mask:
                 raise Refusal(Code.MASK_AND_WEIGHTS, "the weighted and unweighted losses use different masks")
+    elif not plains:  # only scaled per-head means: their mask is the call's
+        mask = scaled[0].denominator
     else:
         split = sorted(plains, key=lambda r: sum(r.denominator.values()))
         if len(split) == 2:
@@ -324,11 +336,20 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
             (only,) = split
             mask = Counter({f: n for f, n in only.denominator.items() if f.alignment == "target" and not f.per_head})
             weights = only.denominator - mask
-            valid_average = average[only.name].divisor.startswith("valid:")
+            valid_average = average[only.name].divisor.kind == "valid"
             if weights or valid_average or ev.head0:
                 weighted_ratio, normalize = only, "weights" if weights else "mask"
             else:
                 unweighted_ratio = only
+    for r in scaled:
+        if by_name[r.name][0].where:
+            raise Refusal(Code.GUARD, f"`{r.name}` adds a scaled `torch.where(...)` on every head")
+        if not r.plain or r.denominator != mask:
+            raise Refusal(Code.MASK_AND_WEIGHTS, f"`{r.name}` scales a per-head loss that is not the call's "
+                                                 "per_head_ce_loss (an unweighted mean over the call's mask)")
+        if average[r.name].divisor.kind != "heads":
+            raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is divided by `{average[r.name].divisor.text}`, not by "
+                                             "the number of heads")
     if any(f.alignment != "target" or f.per_head for f in mask):
         raise Refusal(Code.MASK_AND_WEIGHTS, "the mask is not aligned with the targets (t + k)")
     valid = ratios[0].valid
@@ -349,14 +370,14 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
         if r is None:
             continue
         divisor = average[r.name].divisor
-        if divisor.startswith("valid:"):
+        if divisor.kind == "valid":
             if r is not weighted_ratio:
                 raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is averaged over the valid heads only")
-            counter = divisor.removeprefix("valid:")
-            _check_counter(ev, counter, r.name)
+            _check_counter(ev, divisor.counter, r.name)
             head_average = "valid"
-        elif divisor != "heads":
-            raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is divided by {divisor}, not by the number of heads")
+        elif divisor.kind != "heads":
+            raise Refusal(Code.HEAD_AVERAGE, f"`{r.name}` is divided by `{divisor.text}`, not by the number of "
+                                             "heads")
 
     head0_output, head0_item = None, False
     for metric in ev.head0:
@@ -369,14 +390,19 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
 
     ignore = None if _same_constant(classifier.ce.ignore_text, "-100") else classifier.ce.ignore_text
     logits_dtype = DType.of(FLOAT64) if classifier.computes_in_fp64 else classifier.ce_dtypes[0]
-    counts = {"weighted": "heads_with_weight" if normalize == "weights" else "heads_with_tokens",
+    counts: dict[str, Count] = {"weighted": "heads_with_weight" if normalize == "weights" else "heads_with_tokens",
               "unweighted": "heads_with_tokens"}
     results = {}
     for kind, r in (("weighted", weighted_ratio), ("unweighted", unweighted_ratio)):
         if r is not None:
             (accumulation,) = by_name[r.name]
+            if accumulation.where and zero_dtypes(inits[r.name], ev.qualified) is None:
+                raise Refusal(Code.GUARD, f"`{r.name}` adds `torch.where(...)` on every head, a tensor even where "
+                                          "no head has tokens: start it at a tensor zero to migrate")
             results[kind] = accumulator_result(inits[r.name], accumulation, average[r.name],
                                                classifier.dtypes(accumulation.value), counts[kind], ev.qualified)
+    scaled_outputs = tuple(_scaled_output(ev, r, inits[r.name], average[r.name],
+                                          classifier.dtypes(by_name[r.name][0].value)) for r in scaled)
     if head0_output is not None:
         (metric,) = ev.head0
         results["head0"] = head0_result(metric, inits[metric.name], classifier.dtypes(metric.ratio),
@@ -391,7 +417,19 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
         head0_output=head0_output, head0_item=head0_item, per_head_weights=per_head,
         call_dtype=Promotion.utility(logits_dtype), weighted_result=results.get("weighted", Result()),
         unweighted_result=results.get("unweighted", Result()), head0_result=results.get("head0", Result()),
+        scaled_outputs=scaled_outputs,
     )
+
+
+def _scaled_output(ev: LoopEvaluator, r: _Ratio, zero: cst.BaseExpression, average: Average,
+                   dtypes: list[DType]) -> ScaledOutput:
+    """How the call gives ``sum_k scale_k * ratio_k / n``: the loop's own product on each per-head loss."""
+    if literal_number(zero) is None:
+        raise Refusal(Code.ACCUMULATOR, f"`{r.name}` sums scaled per-head losses into a tensor zero, whose dtype "
+                                        "the scale may promote: start it at 0.0")
+    counted = m.matches(ev.head_count, m.Name() | m.Attribute()) and ev.count_name is None
+    return ScaledOutput(average.output, r.scale.template, ev.loop_name, 1 - ev.head_offset,
+                        Promotion.of(dtypes), code(ev.head_count) if counted else None)
 
 
 def _check_counter(ev: LoopEvaluator, counter: str, weighted: str) -> None:

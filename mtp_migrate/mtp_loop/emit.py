@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.config import DEFAULT_LINE_LENGTH, OPTION_DEFAULTS, UNWEIGHTED, WEIGHTED
 from mtp_migrate.cst_utils import code
 from mtp_migrate.mtp_loop.site import Site
-from mtp_migrate.mtp_loop.spec import Action, LoopSpec, Result
+from mtp_migrate.mtp_loop.spec import (
+    PER_HEAD_LOSS,
+    UNWEIGHTED_LOSS,
+    WEIGHTED_LOSS,
+    Action,
+    LoopSpec,
+    Result,
+    ScaledOutput,
+)
 
 _RESULT_NAMES = ("ce_losses", "mtp_ce_losses", "mtp_ce_loss_outputs")
 
@@ -16,7 +26,8 @@ _RESULT_NAMES = ("ce_losses", "mtp_ce_losses", "mtp_ce_loss_outputs")
 def function_name(spec: LoopSpec) -> str:
     """The utility the call needs: the unweighted one when only that loss is kept, as a tensor."""
     result = spec.unweighted_result
-    if spec.weighted_output is None and spec.head0_output is None and result.count is None and not (
+    if spec.weighted_output is None and spec.head0_output is None and not spec.scaled_outputs and \
+            result.count is None and not (
             result.dtype is not None and result.dtype.extends(spec.call_dtype)):
         return UNWEIGHTED
     return WEIGHTED
@@ -44,6 +55,11 @@ def _fit(text: str, start: int, base: int, line_length: int, depth: int = 0) -> 
     if start + len(text) <= line_length:
         return text
     node = cst.parse_expression(text)
+    if m.matches(node, m.BinaryOperation(left=m.Call(args=[m.Arg(value=m.GeneratorExp())]))):
+        # `sum(term for k, loss in ...) / n`: the term and its `for` on lines of their own
+        generator, inner = node.left.args[0].value, "    " * (depth + 1)
+        return (f"{code(node.left.func)}(\n{inner}{code(generator.elt)}\n{inner}{code(generator.for_in).strip()}\n"
+                f"{'    ' * depth}){code(node)[len(code(node.left)):]}")
     if not isinstance(node, cst.Call) or not node.args:
         return text
     inner = "    " * (depth + 1)
@@ -84,6 +100,18 @@ def _value(result: Result, call_dtype, losses: str, access: str, item: bool) -> 
     return loss
 
 
+def _scaled_value(scaled: ScaledOutput, call_dtype, losses: str) -> str:
+    """``sum(scale_k * per_head_k for k, per_head_k in ...) / n``: the loop's products, in its order."""
+    per_head = f'{losses}["{PER_HEAD_LOSS}"]'
+    loss = next(name for name in ("head_loss", "head_ce_loss", "per_head_loss")
+                if not re.search(rf"\b{name}\b", scaled.template))
+    term = scaled.template.format(loss + (scaled.dtype.cast(call_dtype, loss) or ""))
+    start = f", {scaled.first}" if scaled.first else ""
+    divisor = scaled.divisor or f"len({per_head})"
+    total = f"sum({term} for {scaled.variable}, {loss} in enumerate({per_head}{start})) / {divisor}"
+    return f'{total} if {losses}["heads_with_tokens"] else 0.0'  # the loop's 0.0 where no head added
+
+
 def _assignment(target: str, value: str, indent: str, line_length: int) -> cst.BaseStatement:
     """``target = value``, its conditional wrapped one part per line where it would pass ``line_length``."""
     one_line = f"{target} = {value}"
@@ -103,9 +131,9 @@ def replacement(site: Site, utility_names: dict[str, str], taken: set[str],
     spec = site.spec
     function = function_name(spec)
     local = utility_names[function]
-    outputs = [(spec.weighted_output, '["weighted_ce_loss"]', spec.weighted_result, False),
-               (spec.unweighted_output, '["unweighted_ce_loss"]', spec.unweighted_result, False),
-               (spec.head0_output, '["per_head_ce_loss"][0]', spec.head0_result, spec.head0_item)]
+    outputs = [(spec.weighted_output, f'["{WEIGHTED_LOSS}"]', spec.weighted_result, False),
+               (spec.unweighted_output, f'["{UNWEIGHTED_LOSS}"]', spec.unweighted_result, False),
+               (spec.head0_output, f'["{PER_HEAD_LOSS}"][0]', spec.head0_result, spec.head0_item)]
     outputs = [output for output in outputs if output[0] is not None]
     if function == UNWEIGHTED:
         ((target, _, result, _),) = outputs
@@ -114,6 +142,7 @@ def replacement(site: Site, utility_names: dict[str, str], taken: set[str],
     else:
         result = next(n for n in _RESULT_NAMES if n not in taken)
         values = [(target, _value(r, spec.call_dtype, result, access, item)) for target, access, r, item in outputs]
+        values += [(scaled.output, _scaled_value(scaled, spec.call_dtype, result)) for scaled in spec.scaled_outputs]
         if len(values) == 1 and values[0][1].startswith(f"{result}[") and values[0][1].count(result) == 1:
             target, value = values[0]  # one output, read once: straight off the call
             statements = [_call(spec, function, local, f"{target} = ", value.removeprefix(result), site.indent,

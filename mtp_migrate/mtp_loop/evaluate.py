@@ -13,34 +13,40 @@ import libcst.matchers as m
 from mtp_migrate.cst_utils import code, literal_int
 from mtp_migrate.mtp_loop.expressions import ExpressionEvaluator, _is_zero
 from mtp_migrate.mtp_loop.facts import Facts
-from mtp_migrate.mtp_loop.symbolic import Accumulation, CrossEntropy, Head0Metric, K, Lin, Outer, Ratio, Total
+from mtp_migrate.mtp_loop.symbolic import (
+    Accumulation,
+    Head0Metric,
+    K,
+    Layout,
+    Lin,
+    Outer,
+    Ratio,
+    Total,
+    View,
+)
 from mtp_migrate.refusals import Code, Refusal
 
 
 class LoopEvaluator(ExpressionEvaluator):
     """Walks ``for k in range(...)`` once, symbolically, collecting what it accumulates."""
 
-    def __init__(self, loop: cst.For, accumulators: set[str], facts: Facts):
-        self.facts = facts
-        self.qualified = facts.qualified
-        self.index = facts.index
-        self.accumulators = accumulators
-        self.env: dict[str, object] = {}
-        self.outer_names: set[str] = set()  # names the outer expressions read
+    def __init__(self, loop: cst.For, accumulators: set[str], facts: Facts, lists: set[str]):
+        super().__init__(accumulators, facts)
+        self.lists = lists  # accumulators that start as `[]`: appended to, and summed after the loop
         self.accumulations: list[Accumulation] = []
         self.head0: list[Head0Metric] = []
         self.top_level: list[str] = []  # tensors bound at the top level of the body, in order
-        self.cross_entropy: CrossEntropy | None = None
         self.length_guards: list[Lin] = []  # each must be S - k once dimensions are resolved
-        self.dimension_names: dict = {}  # Dim -> the name the loop read it through (seq_len)
         self.count_name: str | None = None  # `n` of `range(1, (n := ...) + 1)`
         self.loop_name, self.head_offset, self.head_count = self._range(loop)
 
     # -- the loop header
     def _range(self, loop: cst.For) -> tuple[str, int, cst.BaseExpression]:
+        if loop.orelse is None and self._unbound_heads(loop):
+            return self.loop_name, 1, self.head_count
         if not isinstance(loop.target, cst.Name) or loop.orelse is not None:
             raise Refusal(Code.LOOP_HEADER, "the head loop must be `for k in range(...)` without `else`")
-        heads = loop.iter
+        heads = self._range_name(loop.iter)
         # The same heads in a list, a tuple or the other order: only the sums' order can change.
         while m.matches(heads, m.Call(args=[m.Arg(keyword=None, star="")])) and self.qualified(heads.func) in (
                 {"builtins.list"}, {"builtins.tuple"}, {"builtins.reversed"}):
@@ -65,6 +71,42 @@ class LoopEvaluator(ExpressionEvaluator):
             return loop.target.value, 1, self._count(args[-1])
         raise Refusal(Code.LOOP_HEADER, f"unsupported head range `{code(loop.iter)}`")
 
+    def _range_name(self, heads: cst.BaseExpression) -> cst.BaseExpression:
+        """``heads`` of ``heads = range(...)`` before the loop: that range, where what it reads is unchanged."""
+        if not isinstance(heads, cst.Name):
+            return heads
+        definition = self.facts.definition(heads.value)
+        if definition.kind != "statement" or not m.matches(definition.statement, m.SimpleStatementLine(
+                body=[m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call())])):
+            return heads
+        value = definition.statement.body[0].value
+        if self.qualified(value.func) != {"builtins.range"} or m.findall(value, m.NamedExpr()) or \
+                not self.facts.same_value(value, definition.point):
+            return heads
+        return value
+
+    def _unbound_heads(self, loop: cst.For) -> bool:
+        """``for k, logits_k in enumerate(logits.unbind(2))``: the heads of the logits, ``k`` from 0 and
+        ``logits_k`` the whole of head ``k + 1`` (``unbind(dim=2)`` too). Binds the loop's state."""
+        pattern = m.Call(func=m.Name("enumerate"), args=[m.Arg(keyword=None, star="", value=m.Call(
+            func=m.Attribute(attr=m.Name("unbind")), args=[m.Arg(star="")]))])
+        if not m.matches(loop.target, m.Tuple(elements=[m.Element(m.Name()), m.Element(m.Name())])) or \
+                not m.matches(loop.iter, pattern) or self.qualified(loop.iter.func) != {"builtins.enumerate"}:
+            return False
+        unbind = loop.iter.args[0].value
+        (axis,) = unbind.args
+        if (axis.keyword is not None and axis.keyword.value != "dim") or literal_int(axis.value) != 2:
+            return False
+        number, tensor = (element.value.value for element in loop.target.elements)
+        logits = unbind.func.value
+        if number == tensor or self.index.reads(logits) & {number, tensor}:
+            return False
+        self.loop_name, self.head_offset = number, 1
+        self.head_count = cst.Subscript(cst.Attribute(logits, cst.Name("shape")),
+                                        [cst.SubscriptElement(cst.Index(cst.Integer("2")))])
+        self.env[tensor] = View(self._outer(logits), Lin(), None, Lin.of(K, 1, -1), Layout.HEAD_SLICE)
+        return True
+
     def _count(self, node: cst.BaseExpression) -> cst.BaseExpression:
         if isinstance(node, cst.NamedExpr):
             self.env[node.target.value] = self.position(node.value)
@@ -75,7 +117,13 @@ class LoopEvaluator(ExpressionEvaluator):
 
     # -- integer positions
     def run(self, body, guard: Total | None = None, top: bool = True) -> None:
-        for statement in body:
+        body = list(body)
+        for position, statement in enumerate(body):
+            skipped = self._skip_guard(statement)
+            if skipped is not None:  # `if mask_sum <= 0: continue`: the rest runs where the sum is > 0
+                if guard is not None:
+                    raise Refusal(Code.GUARD, "nested guards in the head loop")
+                return self.run(body[position + 1:], skipped, top=False)
             if isinstance(statement, cst.SimpleStatementLine):
                 for small in statement.body:
                     self.small_statement(small, guard, top)
@@ -91,6 +139,8 @@ class LoopEvaluator(ExpressionEvaluator):
             if small.value is None:
                 return
             if name in self.accumulators:
+                if name in self.lists:
+                    raise Refusal(Code.ACCUMULATOR, f"the list `{name}` is rebound in the loop, not appended to")
                 if not (isinstance(small, cst.Assign) and isinstance(small.value, cst.BinaryOperation)
                         and isinstance(small.value.operator, cst.Add)):
                     raise Refusal(Code.ACCUMULATOR, f"`{name}` is reassigned inside the loop")
@@ -110,20 +160,53 @@ class LoopEvaluator(ExpressionEvaluator):
             if top and guard is None and not isinstance(value, Lin | Outer):
                 self.top_level.append(name)
             return None
+        if m.matches(small, m.Expr(m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("append")),
+                                          args=[m.Arg(keyword=None, star="")]))) and \
+                small.value.func.value.value in self.accumulators:
+            name = small.value.func.value.value
+            if name not in self.lists or name in self.index.reads(small.value.args[0].value):
+                raise Refusal(Code.ACCUMULATOR, f"`{code(small).strip()}` is not an append to a list that starts empty")
+            try:
+                appended = self.value(small.value.args[0].value)
+            except Refusal:
+                appended = None
+            if not isinstance(appended, Ratio):  # a per-head tensor kept, not a loss summed
+                return self._used_elsewhere(small)
+            return self.accumulate(name, small.value.args[0].value, guard, small)
         if isinstance(small, cst.AugAssign) and isinstance(small.target, cst.Name) and \
                 small.target.value in self.accumulators:
-            if not isinstance(small.operator, cst.AddAssign):
+            if small.target.value in self.lists or not isinstance(small.operator, cst.AddAssign):
                 raise Refusal(Code.ACCUMULATOR, f"`{code(small).strip()}` is not a sum over heads")
             if small.target.value in self.index.reads(small.value):
                 raise Refusal(Code.ACCUMULATOR, f"`{code(small).strip()}` reads its own accumulator")
             return self.accumulate(small.target.value, small.value, guard, small)
-        if isinstance(small, cst.Del | cst.Pass):
-            return None
+        if isinstance(small, cst.Del | cst.Pass) or (isinstance(small, cst.Assert) and self._shape_only(small)):
+            return None  # an assert on shapes checks what the utility checks; `python -O` drops it too
+        return self._used_elsewhere(small)
+
+    def _used_elsewhere(self, small) -> None:
         text = code(small).strip()
         used = sorted(self.index.reads(small) & set(self.env))
         if used:
             raise Refusal(Code.PER_HEAD_VALUE_USED, f"per-head value `{used[0]}` is used elsewhere: `{text}`")
         raise Refusal(Code.STATEMENT, f"statement with effects the rewrite would drop: `{text}`")
+
+    def _shape_only(self, node: cst.Assert) -> bool:
+        """An assertion on shapes: no call but ``size``, ``dim``, ``numel`` and ``len``, and every per-head
+        value read only through its shape (``ce.shape``, ``ce.size(0)``, ``len(ce)``), never its values."""
+        for call in m.findall(node, m.Call()):
+            if not (m.matches(call.func, m.Attribute(attr=m.Name("size") | m.Name("dim") | m.Name("numel")))
+                    or self.qualified(call.func) == {"builtins.len"}):
+                return False
+        if m.findall(node, m.Await() | m.Yield() | m.NamedExpr() | m.Lambda()):
+            return False
+        shape_of = m.Attribute(value=m.Name(), attr=m.Name("shape") | m.Name("ndim") | m.Name("size") | m.Name(
+            "dim") | m.Name("numel"))
+        through_shape = {id(a.value) for a in m.findall(node, shape_of)}
+        through_shape |= {id(c.args[0].value) for c in m.findall(node, m.Call(func=m.Name("len"), args=[m.Arg(
+            m.Name())]))}
+        per_head = set(self.env) | self.accumulators | {self.loop_name}
+        return all(id(name) in through_shape for name in m.findall(node, m.Name()) if name.value in per_head)
 
     @staticmethod
     def _single_name(small) -> str | None:
@@ -134,6 +217,13 @@ class LoopEvaluator(ExpressionEvaluator):
         return None
 
     def accumulate(self, name: str, node, guard, small) -> None:
+        where = self.where_guarded(node)
+        if where is not None:
+            if guard is not None:
+                raise Refusal(Code.GUARD, "nested guards in the head loop")
+            value, guard = where
+            self.accumulations.append(Accumulation(name, value, guard, small, where=True))
+            return
         if literal_int(node) == 1:
             value = 1
         else:
@@ -164,7 +254,33 @@ class LoopEvaluator(ExpressionEvaluator):
             return self.head0_block(body, guard)
         raise Refusal(Code.STATEMENT, f"unsupported condition in the head loop: `{code(test)}`")
 
+    def _skip_guard(self, statement) -> Total | None:
+        """The sum of ``if not total > 0: continue``, or of ``if total <= 0: continue`` where the total is of 0/1
+        values (a NaN sum would pass ``<= 0`` and fail ``> 0``), else ``None``."""
+        if not m.matches(statement, m.If(orelse=None, body=m.IndentedBlock(body=[m.SimpleStatementLine(
+                body=[m.Continue()])]) | m.SimpleStatementSuite(body=[m.Continue()]))):
+            return None
+        test = statement.test
+        if m.matches(test, m.UnaryOperation(operator=m.Not())):
+            return self._guard_total(test.expression)
+        if not m.matches(test, m.Comparison(comparisons=[m.ComparisonTarget(operator=m.LessThanEqual())])) or \
+                not _is_zero(test.comparisons[0].comparator) or not self._mentions_loop(test.left):
+            return None
+        total = self._guard_total(test.with_changes(comparisons=[
+            test.comparisons[0].with_changes(operator=cst.GreaterThan())]))
+        if total is not None and not all(isinstance(f, View) and f.nonnegative for f in total.factors):
+            raise Refusal(Code.GUARD, f"`{code(test)}`: skipping the head where a sum is not > 0 differs from "
+                                      "`<= 0` where it is NaN, and its values are not provably 0 or 1")
+        return total
+
     def _guard_total(self, test) -> Total | None:
+        """The sum ``test`` requires to be positive: ``total > 0``, ``0 < total``, ``total.gt(0)``."""
+        if m.matches(test, m.Call(func=m.Attribute(attr=m.Name("gt")), args=[m.Arg(keyword=None, star="")])) and \
+                _is_zero(test.args[0].value):
+            test = cst.Comparison(test.func.value, [cst.ComparisonTarget(cst.GreaterThan(), test.args[0].value)])
+        if m.matches(test, m.Comparison(comparisons=[m.ComparisonTarget(operator=m.LessThan())])) and \
+                _is_zero(test.left):
+            test = cst.Comparison(test.comparisons[0].comparator, [cst.ComparisonTarget(cst.GreaterThan(), test.left)])
         if not m.matches(test, m.Comparison(comparisons=[m.ComparisonTarget(operator=m.GreaterThan())])):
             return None
         if not _is_zero(test.comparisons[0].comparator):
@@ -226,8 +342,8 @@ class LoopEvaluator(ExpressionEvaluator):
                 self.env[name] = result
 
 
-def evaluate(loop: cst.For, accumulators: set[str], facts: Facts) -> LoopEvaluator:
-    evaluator = LoopEvaluator(loop, accumulators, facts)
+def evaluate(loop: cst.For, accumulators: set[str], facts: Facts, lists: set[str]) -> LoopEvaluator:
+    evaluator = LoopEvaluator(loop, accumulators, facts, lists)
     evaluator.run(list(loop.body.body))
     return evaluator
 

@@ -11,16 +11,23 @@ expression form a loop may contain, and splitting it would scatter that recursio
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import libcst as cst
 import libcst.matchers as m
 
 from mtp_migrate.cst_utils import code, literal_int, literal_number, string_value
+from mtp_migrate.flow.dataflow import reaching_definition
+from mtp_migrate.flow.names import changed_in_place
 from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
+from mtp_migrate.mtp_loop.facts import Facts
+from mtp_migrate.mtp_loop.losses import LOG_SOFTMAX, Form, LossSpelling, looks_like_loss, spelling
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
+    Dim,
     Free,
+    HeadScale,
     K,
     Layout,
     Lin,
@@ -33,10 +40,8 @@ from mtp_migrate.mtp_loop.symbolic import (
 )
 from mtp_migrate.refusals import Code, Refusal
 
-CROSS_ENTROPY = "torch.nn.functional.cross_entropy"
-NLL_LOSS = "torch.nn.functional.nll_loss"
-LOG_SOFTMAX = {"torch.nn.functional.log_softmax", "torch.log_softmax"}
 TORCH_SUM = "torch.sum"
+TORCH_WHERE = "torch.where"
 _ARITHMETIC_METHODS = {"mul": cst.Multiply, "multiply": cst.Multiply, "div": cst.Divide, "divide": cst.Divide,
                        "true_divide": cst.Divide}
 FLOAT_DTYPES = {f"torch.{name}" for name in ("float", "float32", "float64", "double", "float16", "half", "bfloat16")}
@@ -47,6 +52,8 @@ _COMPARE_METHODS = {"ne": "!=", "eq": "==", "gt": ">", "ge": ">=", "lt": "<", "l
 _COMPARE_OPERATORS = {cst.NotEqual: "!=", cst.Equal: "==", cst.GreaterThan: ">", cst.GreaterThanEqual: ">=",
                       cst.LessThan: "<", cst.LessThanEqual: "<="}
 _FLATTEN = ("reshape", "view")
+_SCALE_OPERATORS = (cst.Add, cst.Subtract, cst.Multiply, cst.Divide, cst.Power)
+_RELAYOUT = ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose", "permute", "squeeze", "unsqueeze")
 
 
 def _compare(operator: str, operand: str) -> Op:
@@ -54,8 +61,9 @@ def _compare(operator: str, operand: str) -> Op:
 
 
 class LogSoftmax(NamedTuple):
-    receiver: object
-    args: tuple
+    """``log_softmax`` of a view of the logits over its vocabulary axis, laid out as the view is."""
+
+    logits: View
 
 
 def _is_full(element: cst.SubscriptElement) -> bool:
@@ -67,7 +75,23 @@ def _is_zero(node: cst.BaseExpression) -> bool:
 
 
 class ExpressionEvaluator:
-    """The expression half of ``LoopEvaluator``: subclasses hold the loop's state (``env``, ``facts``...)."""
+    """The expression half of ``LoopEvaluator``, with all the state the expressions read and write.
+
+    ``loop_name`` and ``head_offset`` come from the loop header, which ``LoopEvaluator`` reads.
+    """
+
+    loop_name: str  # `k` of `for k in range(...)`
+    head_offset: int  # k = loop variable + head_offset
+
+    def __init__(self, accumulators: set[str], facts: Facts):
+        self.facts = facts
+        self.qualified = facts.qualified
+        self.index = facts.index
+        self.accumulators = accumulators
+        self.env: dict[str, object] = {}  # what the body bound so far: a Lin, a View, Tokens, a Total...
+        self.outer_names: set[str] = set()  # names the outer expressions read
+        self.cross_entropy: CrossEntropy | None = None  # the loop's one per-token loss, once seen
+        self.dimension_names: dict[Dim, str] = {}  # Dim -> the name the loop read it through (seq_len)
 
     def position(self, node: cst.BaseExpression) -> Lin:
         value = literal_int(node)
@@ -98,12 +122,25 @@ class ExpressionEvaluator:
             return Lin.of(Free(node.value)) if fact is None else fact
         if isinstance(node, cst.Call) and self.qualified(node.func) == {"builtins.int"} and len(node.args) == 1:
             return self.position(node.args[0].value)
+        if self._head_dimension(node):  # `head_logits.size(-1)`: an integer no fact names
+            return Lin.of(Free(code(node)))
         if not self._mentions_loop(node):
             dim = self.facts.dimension(node, self.facts.point)
             if dim is not None:
                 self.outer_names |= self.index.reads(node)
                 return Lin.of(dim)
         raise Refusal(Code.POSITIONS, f"cannot follow the index `{code(node)}`")
+
+    def _head_dimension(self, node: cst.BaseExpression) -> bool:
+        """``x.size(i)`` or ``x.shape[i]`` of a per-head view ``x`` of the loop."""
+        if m.matches(node, m.Call(func=m.Attribute(value=m.Name(), attr=m.Name("size")), args=[m.Arg(keyword=None)])):
+            tensor, axis = node.func.value, node.args[0].value
+        elif m.matches(node, m.Subscript(value=m.Attribute(value=m.Name(), attr=m.Name("shape")),
+                                         slice=[m.SubscriptElement(m.Index())])):
+            tensor, axis = node.value.value, node.slice[0].slice.value
+        else:
+            return False
+        return isinstance(self.env.get(tensor.value), View) and literal_int(axis) is not None
 
     def _mentions_loop(self, node: cst.CSTNode) -> bool:
         return bool(self.index.reads(node) & (set(self.env) | {self.loop_name} | self.accumulators))
@@ -143,6 +180,11 @@ class ExpressionEvaluator:
     def subscript(self, node: cst.Subscript) -> View:
         base = self.value(node.value)
         elements = list(node.slice)
+        if isinstance(base, Outer) and m.matches(elements[0].slice, m.Index(value=m.Ellipsis())):
+            # logits[..., k - 1, :]: the head's [B, S, V] (the classifier admits it for the logits alone)
+            if len(elements) != 3 or not isinstance(elements[1].slice, cst.Index) or not _is_full(elements[2]):
+                raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
+            return View(base, Lin(), None, self.position(elements[1].slice.value), Layout.HEAD_SLICE, ellipsis=True)
         if isinstance(base, Outer):
             if len(elements) < 2 or not _is_full(elements[0]):
                 raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
@@ -156,7 +198,7 @@ class ExpressionEvaluator:
             # logits[:, :, k - 1][:, :valid_len]: positions after the head
             if len(elements) >= 2 and _is_full(elements[0]) and all(_is_full(e) for e in elements[2:]):
                 start, stop = self._positions(elements[1])
-                return View(base.base, start, stop, base.head, base.layout)
+                return View(base.base, start, stop, base.head, base.layout, ellipsis=base.ellipsis)
         raise Refusal(Code.HEAD_INDEXING, f"unsupported indexing `{code(node)}`")
 
     def _positions(self, element: cst.SubscriptElement) -> tuple[Lin, Lin | None]:
@@ -176,14 +218,20 @@ class ExpressionEvaluator:
 
     def call(self, node: cst.Call):
         names = self.qualified(node.func)
-        if names == {CROSS_ENTROPY}:
-            return self.cross_entropy_call(node)
-        if names == {NLL_LOSS}:
-            return self.nll_call(node)
-        if any(name.endswith("cross_entropy") for name in names) or m.matches(node.func, m.Name("cross_entropy") | m.Attribute(attr=m.Name("cross_entropy"))):
+        if names and names <= LOG_SOFTMAX and node.args and not node.args[0].keyword and not node.args[0].star:
+            return self._over_vocabulary(self.value(node.args[0].value), node.args[1:], node)
+        loss = spelling(names, Form.FUNCTION)
+        if loss is not None:
+            return self.loss_call(node, loss)
+        module = self._loss_module(node)
+        if module is not None:
+            return self.loss_call(node, *module)
+        if looks_like_loss(names, code(node.func)):
             found = ", ".join(sorted(names)) or code(node.func)
             raise Refusal(Code.NOT_TORCH_CROSS_ENTROPY,
-                          f"`{code(node.func)}` is {found}, not torch.nn.functional.cross_entropy")
+                          f"`{code(node.func)}` is {found}, not a torch loss the utility computes")
+        if names == {TORCH_WHERE}:
+            return self._safe_denominator(node)
         if names == {TORCH_SUM}:
             if len(node.args) != 1 or node.args[0].keyword is not None:
                 raise Refusal(Code.REDUCTION, f"a different reduction: `{code(node)}`")
@@ -191,11 +239,27 @@ class ExpressionEvaluator:
         if not isinstance(node.func, cst.Attribute):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         method, receiver = node.func.attr.value, self.value(node.func.value)
+        if isinstance(receiver, LogSoftmax):
+            return self._log_probs_method(node, method, receiver)
         if isinstance(receiver, Outer):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         return self.method(node, method, receiver)
 
+    def _log_probs_method(self, node: cst.Call, method: str, receiver: LogSoftmax) -> LogSoftmax:
+        """A new layout of log-probabilities: the vocabulary axis moves with the logits'."""
+        if method == "contiguous" and not node.args:
+            return receiver
+        if method not in _RELAYOUT:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node)}` on log-probabilities")
+        logits = self._relayout(receiver.logits, method, list(node.args), node)
+        if logits.layout not in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT, Layout.CLASS_FIRST):
+            raise Refusal(Code.LAYOUT, f"`{code(node)}` does not keep the vocabulary axis of the log-probabilities")
+        return LogSoftmax(logits)
+
     def method(self, node: cst.Call, method: str, receiver):
+        if method in ("to", "type"):  # `.to(dtype)` with `dtype = logits.dtype` bound in the loop: that outer value
+            node = node.with_changes(args=[a.with_changes(value=self.env[a.value.value].node) if isinstance(
+                a.value, cst.Name) and isinstance(self.env.get(a.value.value), Outer) else a for a in node.args])
         args = list(node.args)
         if method == "sum":
             if args:
@@ -214,11 +278,10 @@ class ExpressionEvaluator:
             return self._apply(receiver, op, node)
         if method in ("contiguous",) and not args:
             return receiver
-        if method in ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose", "permute", "squeeze",
-                      "unsqueeze"):
+        if method in _RELAYOUT:
             return self._relayout(receiver, method, args, node)
         if method == "log_softmax":
-            return LogSoftmax(receiver, tuple(args))
+            return self._over_vocabulary(receiver, args, node)
         raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
 
     def _op(self, node: cst.Call, method: str, args) -> Op | None:
@@ -324,7 +387,10 @@ class ExpressionEvaluator:
             return Layout.FLAT, None
         if method in _FLATTEN and len(values) == 2 and layout in (Layout.LOGITS_GRID, Layout.LOGITS_FLAT) and \
                 literal_int(values[0]) == -1:
-            self._outer(values[1])  # any other vocabulary size makes cross_entropy raise
+            try:  # any other vocabulary size makes cross_entropy raise
+                self.position(values[1])
+            except Refusal:
+                self._outer(values[1])
             return Layout.LOGITS_FLAT, None
         if method in _FLATTEN and len(values) == 2 and layout in (Layout.FLAT, Layout.GRID):
             shape = tuple(None if literal_int(v) == -1 else self.position(v) for v in values)
@@ -345,67 +411,103 @@ class ExpressionEvaluator:
 
     # -- cross-entropy
     @staticmethod
-    def _input_and_target(node: cst.Call) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
+    def _input_and_target(args) -> tuple[list[cst.BaseExpression], dict[str, cst.BaseExpression]]:
         """``([input, target], options)`` of a loss call, by position or by keyword, or ``([], {})``."""
-        if any(a.star for a in node.args):
+        if any(a.star for a in args):
             return [], {}
-        positional = [a.value for a in node.args if a.keyword is None]
-        keywords = {a.keyword.value: a.value for a in node.args if a.keyword is not None}
+        positional = [a.value for a in args if a.keyword is None]
+        keywords = {a.keyword.value: a.value for a in args if a.keyword is not None}
         for name in ("input", "target")[len(positional):]:
             if name in keywords:
                 positional.append(keywords.pop(name))
         return positional, keywords
 
-    def cross_entropy_call(self, node: cst.Call):
-        positional, keywords = self._input_and_target(node)
+    def _loss_module(self, node: cst.Call) -> tuple[LossSpelling, Sequence[cst.Arg]] | None:
+        """``(spelling, constructor arguments)`` when ``node`` calls a name bound, once and before the loop,
+        to a registered loss module that nothing changes or reads but its calls, else ``None``."""
+        if not isinstance(node.func, cst.Name):
+            return None
+        name = node.func.value
+        definition = reaching_definition(self.index, self.facts.point, name, changed_in_place)
+        if definition.kind not in ("statement", "change") or not isinstance(definition.statement,
+                                                                           cst.SimpleStatementLine):
+            return None
+        (small,) = definition.statement.body
+        if definition.kind == "change":
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{name}` may be changed after it is built: "
+                                                       f"`{code(small).strip()}`")
+        if not m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name(name))], value=m.Call())):
+            return None
+        loss = spelling(self.qualified(small.value.func), Form.MODULE)
+        if loss is None:
+            return None
+        calls = {id(call.func) for call in m.findall(self.facts.point.scope, m.Call(func=m.Name(name)))}
+        # Another read could alias the module (`c = criterion; c.ignore_index = 0`) or change it.
+        other = {id(n) for n in m.findall(self.facts.point.scope, m.Name(name))} - calls - {id(small.targets[0].target)}
+        other -= {id(a.attr) for a in m.findall(self.facts.point.scope, m.Attribute(attr=m.Name(name)))}
+        other -= {id(a.keyword) for a in m.findall(self.facts.point.scope, m.Arg(keyword=m.Name(name)))}
+        if other:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{name}` is used other than called; its options may "
+                                                       "change after it is built")
+        for arg in small.value.args:
+            if not self.facts.same_value(arg.value, definition.point):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(arg.value)}`, read when `{name}` was built, "
+                                                           "may have changed by the loop")
+        return loss, small.value.args
+
+    def loss_call(self, node: cst.Call, loss: LossSpelling, built: Sequence[cst.Arg] | None = None) -> Tokens | Total:
+        """A registered loss called on ``node``'s input and target; its options are the call's keywords, or
+        for a module the arguments it was ``built`` with."""
+        positional, keywords = self._input_and_target(node.args)
         if len(positional) != 2:
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy must take the logits and labels (by position "
-                                                       "or as input= and target=) and its options by keyword")
-        self._check_keywords(keywords, {"reduction", "ignore_index", "label_smoothing", "weight"})
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node.func)}` must take its input and target (by "
+                                                       "position or as input= and target=) and its options by "
+                                                       "keyword")
+        if built is not None:
+            if keywords:
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"keyword `{sorted(keywords)[0]}` of a loss module call")
+            if any(a.keyword is None for a in built):
+                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "a loss module's options must be given by keyword")
+            keywords = {a.keyword.value: a.value for a in built}
+        reduction = self._check_keywords(keywords, loss.options)
         if not _is_zero(keywords.get("label_smoothing", cst.Integer("0"))):
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `label_smoothing` has no equivalent "
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `label_smoothing` has no equivalent "
                                                        "in the utility")
         if "weight" in keywords and not m.matches(keywords["weight"], m.Name("None")):
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "cross_entropy keyword `weight` (class weights) has no "
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{loss.suffix} keyword `weight` (class weights) has no "
                                                        "equivalent in the utility")
-        return self._per_token_loss(self.value(positional[0]), self.value(positional[1]),
-                                    keywords.get("ignore_index"), node)
+        logits = self._log_softmax(positional[0]) if loss.reads == "log_probs" else self.value(positional[0])
+        tokens = self._per_token_loss(logits, self.value(positional[1]), keywords.get("ignore_index"), node)
+        return Total(*self._total(tokens)) if reduction == "sum" else tokens  # "sum" is the per-token losses' sum
 
-    def nll_call(self, node: cst.Call):
-        positional, keywords = self._input_and_target(node)
-        if len(positional) != 2:
-            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "nll_loss must take its input and target (by position or "
-                                                       "as input= and target=)")
-        self._check_keywords(keywords, {"reduction", "ignore_index"})
-        log_probs = self._log_softmax(positional[0])
-        return self._per_token_loss(log_probs, self.value(positional[1]), keywords.get("ignore_index"), node)
+    def _log_softmax(self, node: cst.BaseExpression) -> View:
+        """The logits whose log-probabilities ``node`` is (the input of a ``log_probs`` loss)."""
+        value = self.value(node)
+        if not isinstance(value, LogSoftmax):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"nll_loss of `{code(node)}`, not of a log_softmax")
+        return value.logits
 
-    def _log_softmax(self, node: cst.BaseExpression):
-        if isinstance(node, cst.Call) and self.qualified(node.func) & LOG_SOFTMAX:
-            args = list(node.args)
-            receiver = self.value(args[0].value)
-            rest = args[1:]
-        else:
-            value = self.value(node)
-            if not isinstance(value, LogSoftmax):
-                raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"nll_loss of `{code(node)}`, not of a log_softmax")
-            receiver, rest = value.receiver, list(value.args)
+    def _over_vocabulary(self, receiver, rest: Sequence[cst.Arg], node: cst.Call) -> LogSoftmax:
+        """``log_softmax(receiver, *rest)``, which must be over the vocabulary of a view of the logits."""
         dims = [literal_int(a.value) for a in rest if a.keyword is None or a.keyword.value == "dim"]
         if isinstance(receiver, View) and receiver.layout is Layout.HEAD_SLICE:
             receiver = receiver.relayout(Layout.LOGITS_GRID)
         if len(rest) != 1 or len(dims) != 1 or not isinstance(receiver, View):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"unsupported log_softmax `{code(node)}`")
-        wanted = {Layout.LOGITS_FLAT: (-1, 1), Layout.CLASS_FIRST: (1, -2)}.get(receiver.layout, ())
-        if dims[0] not in wanted:
+        wanted = {Layout.LOGITS_FLAT: (-1, 1), Layout.LOGITS_GRID: (-1, 2), Layout.CLASS_FIRST: (1, -2)}
+        if dims[0] not in wanted.get(receiver.layout, ()):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"log_softmax `{code(node)}` is not over the vocabulary")
-        return receiver
+        return LogSoftmax(receiver)
 
-    def _check_keywords(self, keywords: dict, allowed: set[str]) -> None:
+    def _check_keywords(self, keywords: dict, allowed: set[str]) -> Literal["none", "sum"]:
+        """The call's reduction, once its keywords are known to have an equivalent."""
         extra = sorted(set(keywords) - allowed)
         if extra:
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"keyword `{extra[0]}` has no equivalent in the utility")
-        if string_value(keywords.get("reduction", cst.SimpleString('""'))) != "none":
-            raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none'")
+        reduction = string_value(keywords.get("reduction", cst.SimpleString('""')))
+        if reduction not in ("none", "sum"):
+            raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none' or 'sum'")
+        return reduction
 
     def _per_token_loss(self, logits, labels, ignore, node) -> Tokens:
         if not (isinstance(logits, View) and isinstance(labels, View)):
@@ -443,7 +545,77 @@ class ExpressionEvaluator:
         tokens = self._tokens(value)
         return tokens.factors, tokens.shape_checks
 
+    def _is_head_scale(self, node: cst.BaseExpression) -> bool:
+        """A number of the head alone: literals, the loop variable and outside names combined by arithmetic and
+        ``[index]``, with no call (the rewrite evaluates it again, for every head)."""
+        if self.index.reads(node) & (set(self.env) | self.accumulators):
+            return False
+        if isinstance(node, cst.Name | cst.Integer | cst.Float):
+            return True
+        if isinstance(node, cst.Attribute):
+            return self._is_head_scale(node.value)
+        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Minus | cst.Plus):
+            return self._is_head_scale(node.expression)
+        if isinstance(node, cst.BinaryOperation) and isinstance(node.operator, _SCALE_OPERATORS):
+            return self._is_head_scale(node.left) and self._is_head_scale(node.right)
+        if isinstance(node, cst.Subscript) and len(node.slice) == 1 and isinstance(node.slice[0].slice, cst.Index):
+            return self._is_head_scale(node.value) and self._is_head_scale(node.slice[0].slice.value)
+        return False
+
+    def _scaled(self, node: cst.BinaryOperation) -> Ratio | None:
+        """``scale * ratio`` or ``ratio * scale`` with a per-head number (see ``HeadScale``), or ``None``."""
+        for scale, ratio, template in ((node.left, node.right, "{scale} * {{}}"),
+                                       (node.right, node.left, "{{}} * {scale}")):
+            if not self._is_head_scale(scale) or self._is_head_scale(ratio):
+                continue
+            value = self.value(ratio)
+            if isinstance(value, Ratio) and value.scale is None:
+                self._outer_names_of(scale)
+                text = code(scale) if not isinstance(scale, cst.BinaryOperation) or scale.lpar else f"({code(scale)})"
+                return Ratio(value.numerator, value.denominator, HeadScale(scale, template.format(scale=text)))
+        return None
+
+    def _where_arguments(self, node: cst.Call) -> tuple[Total, cst.BaseExpression, cst.BaseExpression]:
+        """``(sum, chosen, other)`` of ``torch.where(sum > 0, chosen, other)``, or a refusal."""
+        if len(node.args) != 3 or any(a.keyword is not None or a.star for a in node.args):
+            raise Refusal(Code.GUARD, f"unsupported `{code(node)}`")
+        condition, chosen, other = (a.value for a in node.args)
+        total = self._guard_total(condition)
+        if total is None:
+            raise Refusal(Code.GUARD, f"`{code(node)}` selects on something other than a sum being > 0")
+        return total, chosen, other
+
+    def _safe_denominator(self, node: cst.Call) -> Total:
+        """``torch.where(d > 0, d, 1)``: the sum ``d``, made safe to divide by where it is not > 0."""
+        total, chosen, other = self._where_arguments(node)
+        value = self.value(chosen)
+        if not isinstance(value, Total) or value.factors != total.factors or literal_number(other) in (None, 0):
+            raise Refusal(Code.GUARD, f"`{code(node)}` is not `torch.where(d > 0, d, 1)` of a sum d")
+        return Total(value.factors, value.shape_checks, safe=True)
+
+    def where_guarded(self, node: cst.BaseExpression) -> tuple[Ratio, Total] | None:
+        """``(ratio, guard)`` of ``torch.where(d > 0, n / safe_d, 0)``, a refusal for the single-``where`` form
+        (its unselected ``n / d`` gives NaN gradients where d is 0), ``None`` if not a ``torch.where``."""
+        if not isinstance(node, cst.Call) or self.qualified(node.func) != {TORCH_WHERE}:
+            return None
+        total, chosen, other = self._where_arguments(node)
+        ratio = self.value(chosen)
+        if not isinstance(ratio, Ratio) or not _is_zero(other):
+            raise Refusal(Code.GUARD, f"`{code(node)}` is not `torch.where(d > 0, ratio, 0)`")
+        if not ratio.denominator.safe:
+            raise Refusal(Code.GUARD, f"`{code(node)}` divides by the sum where it is 0 too: the unselected "
+                                      "division's gradient is NaN (divide by `torch.where(d > 0, d, 1)`)")
+        return ratio, total
+
+    def _outer_names_of(self, node: cst.BaseExpression) -> None:
+        """Record the outside names a head scale reads (the loop must not rebind them)."""
+        self.outer_names |= self.index.reads(node) - {self.loop_name}
+
     def binary(self, node: cst.BinaryOperation):
+        if isinstance(node.operator, cst.Multiply):
+            scaled = self._scaled(node)
+            if scaled is not None:
+                return scaled
         left, right = self.value(node.left), self.value(node.right)
         if isinstance(node.operator, cst.Multiply | cst.BitAnd):
             a, b = self._tokens(left), self._tokens(right)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProvider
+from libcst.metadata import MetadataWrapper, PositionProvider, QualifiedNameProvider, ScopeProvider
 
 from mtp_migrate.config import UTILITY_NAMES
 from mtp_migrate.cst_utils import code, dotted, literal_number
@@ -16,18 +16,18 @@ from mtp_migrate.flow.names import binds
 from mtp_migrate.mtp_loop.classify import classify
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator, evaluate
 from mtp_migrate.mtp_loop.facts import Facts
+from mtp_migrate.mtp_loop.losses import REGISTERED_NAMES, Form, suffixes
 from mtp_migrate.mtp_loop.site import Site
-from mtp_migrate.mtp_loop.spec import Average
+from mtp_migrate.mtp_loop.spec import Average, Divisor
 from mtp_migrate.mtp_loop.symbolic import Ratio, View
 from mtp_migrate.refusals import Code, Refusal
-
-_LOSS_CALLS = ("cross_entropy", "nll_loss")
 
 
 class _HeadLoops(cst.CSTVisitor):
     """The innermost ``for`` around each cross-entropy-like call (not outer batch loops)."""
 
-    def __init__(self):
+    def __init__(self, modules: set[str]):
+        self.modules = modules  # names bound to a loss module somewhere in the file: `criterion(...)` calls it
         self.loops: list[cst.For] = []
         self.found: dict[int, cst.For] = {}
 
@@ -44,7 +44,9 @@ class _HeadLoops(cst.CSTVisitor):
         self.loops.pop()
 
     def visit_Call(self, node):
-        if (dotted(node.func) or "").endswith(_LOSS_CALLS) and self.loops and self.loops[-1] is not None:
+        loss = (dotted(node.func) or "").endswith(suffixes(Form.FUNCTION)) or m.matches(
+            node.func, m.Name(m.MatchIfTrue(lambda name: name in self.modules)))
+        if loss and self.loops and self.loops[-1] is not None:
             self.found[id(self.loops[-1])] = self.loops[-1]
 
 
@@ -54,14 +56,28 @@ class Analysis:
     def __init__(self, module: cst.Module):
         wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
         self._qualified = wrapper.resolve(QualifiedNameProvider)
+        self._scopes = wrapper.resolve(ScopeProvider)
         self.positions = wrapper.resolve(PositionProvider)
         self.index = FlowIndex()
+        stars = [dotted(s.module) for s in m.findall(module, m.ImportFrom(names=m.ImportStar()))]
+        self._star = stars[0] if len(stars) == 1 and not stars[0].startswith(".") else None
 
     def qualified(self, node: cst.CSTNode) -> set[str]:
         names = self._qualified.get(node, ())
         if callable(names):  # resolved lazily by LibCST
             names = names()
+        if not names and self._star is not None and isinstance(node, cst.Name):
+            return self._from_star(node)
         return {name.name for name in names}
+
+    def _from_star(self, node: cst.Name) -> set[str]:
+        """``cross_entropy`` bound by the module's one ``from torch.nn.functional import *`` and nothing else: only
+        registered names are taken for what the star import binds (what else it binds is not known here)."""
+        scope = self._scopes.get(node)
+        name = f"{self._star}.{node.value}"
+        if scope is None or scope[node.value] or name not in REGISTERED_NAMES:
+            return set()
+        return {name}
 
 
 def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | None:
@@ -74,30 +90,47 @@ def _assigned(statement: cst.BaseStatement) -> tuple[str, cst.BaseExpression] | 
     return None
 
 
-def accumulator_init(statement: cst.BaseStatement, qualified) -> str | None:
-    """``name = 0 | 0.0 | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``: the name."""
+def accumulator_inits(statement: cst.BaseStatement, qualified) -> dict[str, cst.BaseExpression]:
+    """The names a statement sets to a zero, each with its zero: ``name = zero`` or, all zeros,
+    ``total, count = 0.0, 0``; an empty list (``losses = []``) is the zero of a list summed after the loop."""
     assigned = _assigned(statement)
-    if assigned is None:
-        return None
-    name, value = assigned
-    if literal_number(value) == 0:
-        return name
+    if assigned is not None:
+        name, value = assigned
+        return {name: value} if _is_zero_init(value, qualified) else {}
+    if not m.matches(statement, m.SimpleStatementLine(body=[m.Assign(
+            targets=[m.AssignTarget(m.Tuple())], value=m.Tuple())])):
+        return {}
+    targets, values = statement.body[0].targets[0].target.elements, statement.body[0].value.elements
+    if len(targets) != len(values) or any(not isinstance(t.value, cst.Name) or isinstance(t, cst.StarredElement)
+                                          or isinstance(v, cst.StarredElement) for t, v in zip(targets, values,
+                                                                                               strict=True)):
+        return {}
+    zeros = {t.value.value: v.value for t, v in zip(targets, values, strict=True)}
+    if len(zeros) != len(targets) or not all(_is_zero_init(v, qualified) for v in zeros.values()):
+        return {}
+    return zeros
+
+
+def _is_zero_init(value: cst.BaseExpression, qualified) -> bool:
+    """``0 | 0.0 | [] | torch.tensor(0.0, ...) | torch.zeros(()) | x.new_zeros(())``."""
+    if literal_number(value) == 0 or m.matches(value, m.List(elements=[])):
+        return True
     if not isinstance(value, cst.Call) or not value.args or value.args[0].keyword is not None:
-        return None
+        return False
     first = value.args[0].value
     empty_shape = m.matches(first, m.Tuple(elements=[]) | m.List(elements=[]))
     callee = qualified(value.func)
     method = value.func.attr.value if isinstance(value.func, cst.Attribute) else None
     if (callee & {"torch.tensor", "torch.scalar_tensor"} or method == "new_tensor") and literal_number(first) == 0:
-        return name
-    if (callee == {"torch.zeros"} or method == "new_zeros") and empty_shape:
-        return name
-    return None
+        return True
+    return bool((callee == {"torch.zeros"} or method == "new_zeros") and empty_shape)
 
 
 def _accumulated(statement: cst.BaseStatement) -> set[str]:
-    """Names a loop body statement adds to (``x += ...``, ``x = x + ...``), at any depth of ``if``."""
-    names = set()
+    """Names a loop body statement adds to (``x += ...``, ``x = x + ...``, ``x.append(...)``), at any depth
+    of ``if``."""
+    names = {node.func.value.value for node in m.findall(statement, m.Call(func=m.Attribute(
+        value=m.Name(), attr=m.Name("append"))))}
     for node in m.findall(statement, m.AugAssign(target=m.Name())):
         names.add(node.target.value)
     for node in m.findall(statement, m.Assign(targets=[m.AssignTarget(m.Name())],
@@ -108,8 +141,7 @@ def _accumulated(statement: cst.BaseStatement) -> set[str]:
     return names
 
 
-def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
-    """``"heads"``, ``"valid:<counter>"`` or the divisor as written."""
+def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> Divisor:
     inner = node
     if isinstance(inner, cst.Call) and qualified(inner.func) & {"builtins.float", "builtins.int"} and \
             len(inner.args) == 1:
@@ -118,30 +150,61 @@ def _divisor(node: cst.BaseExpression, ev: LoopEvaluator, qualified) -> str:
         values = [a.value for a in node.args]
         counter = next((v for v in values if isinstance(v, cst.Name)), None)
         if counter is not None and any(literal_number(v) == 1 for v in values):
-            return f"valid:{counter.value}"
+            return Divisor("valid", counter=counter.value)
     if code(inner) == code(ev.head_count) or (ev.count_name and m.matches(inner, m.Name(ev.count_name))):
-        return "heads"
+        return Divisor("heads")
     here = ev.facts.expression(inner, ev.facts.point)
     there = ev.facts.expression(ev.head_count, ev.facts.point)
     if here is not None and here == there:
-        return "heads"
-    return f"`{code(node)}`"
+        return Divisor("heads")
+    return Divisor("other", code(node))
+
+
+def _reciprocal(node: cst.BaseExpression) -> cst.BaseExpression | None:
+    """``n`` of ``1.0 / n`` (or ``1 / n``): ``acc * (1.0 / n)`` averages as ``acc / n`` does."""
+    if m.matches(node, m.BinaryOperation(operator=m.Divide())) and literal_number(node.left) == 1:
+        return node.right
+    return None
+
+
+def _averaged(node: cst.BaseExpression, ev: LoopEvaluator) -> tuple[str, cst.BaseExpression] | None:
+    """``(acc, divisor)`` of ``acc / divisor`` or ``acc * (1.0 / divisor)``, with ``sum(acc)`` for an
+    accumulator the loop appends to."""
+    if not isinstance(node, cst.BinaryOperation):
+        return None
+    read = _read_sum(node.left, ev)
+    if read is None:
+        return None
+    if isinstance(node.operator, cst.Divide):
+        return read.value, node.right
+    reciprocal = _reciprocal(node.right) if isinstance(node.operator, cst.Multiply) else None
+    return None if reciprocal is None else (read.value, reciprocal)
+
+
+def _read_sum(node: cst.BaseExpression, ev: LoopEvaluator) -> cst.Name | None:
+    """The accumulator ``node`` reads as its sum: ``acc``, or ``sum(acc)`` of a list the loop appends to."""
+    if isinstance(node, cst.Name):
+        return None if node.value in ev.lists else node
+    if m.matches(node, m.Call(args=[m.Arg(keyword=None, star="", value=m.Name())])) and \
+            ev.qualified(node.func) == {"builtins.sum"} and node.args[0].value.value in ev.lists:
+        return node.args[0].value
+    return None
 
 
 class _Inline(cst.CSTTransformer):
-    """Replace ``acc / divisor`` by ``acc`` for the accumulators in ``targets``."""
+    """Replace ``acc / divisor`` (or ``acc * (1.0 / divisor)``) by ``acc`` for the accumulators in ``targets``."""
 
     def __init__(self, targets: set[str], ev: LoopEvaluator, qualified):
         self.targets = targets
         self.ev = ev
         self.qualified = qualified
-        self.divisors: dict[str, set[str]] = {}
+        self.divisors: dict[str, set[Divisor]] = {}
 
     def leave_BinaryOperation(self, original, updated):
-        if isinstance(original.operator, cst.Divide) and m.matches(original.left, m.Name()) and \
-                original.left.value in self.targets:
-            name = original.left.value
-            self.divisors.setdefault(name, set()).add(_divisor(original.right, self.ev, self.qualified))
+        averaged = _averaged(original, self.ev)
+        if averaged is not None and averaged[0] in self.targets:
+            name, divisor = averaged
+            self.divisors.setdefault(name, set()).add(_divisor(divisor, self.ev, self.qualified))
             return cst.Name(name, lpar=updated.lpar, rpar=updated.rpar)
         return updated
 
@@ -156,7 +219,7 @@ def _inline_use(statement, targets: set[str], ev, qualified, index) -> tuple[cst
     used = index.reads(small) & targets
     if not used or binds(small) & targets:
         return None
-    divided = {id(node.left) for node in m.findall(small, m.BinaryOperation(operator=m.Divide(), left=m.Name()))}
+    divided = {id(_read_sum(node.left, ev)) for node in m.findall(small, m.BinaryOperation()) if _averaged(node, ev)}
     if any(id(name) not in divided for name in m.findall(small, m.Name()) if name.value in used):
         return None  # the sum itself is used too
     transformer = _Inline(used, ev, qualified)
@@ -175,17 +238,20 @@ def _averages(block, loop_index, ev: LoopEvaluator, targets: set[str], qualified
         statement = block[position]
         small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1 \
             else None
-        if isinstance(small, cst.AugAssign) and isinstance(small.operator, cst.DivideAssign) and \
-                m.matches(small.target, m.Name()) and small.target.value in pending:
+        in_place = None
+        if isinstance(small, cst.AugAssign) and m.matches(small.target, m.Name()):
+            in_place = small.value if isinstance(small.operator, cst.DivideAssign) else \
+                _reciprocal(small.value) if isinstance(small.operator, cst.MultiplyAssign) else None
+        averaged = _averaged(small.value, ev) if m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())])) \
+            else None
+        if in_place is not None and small.target.value in pending and small.target.value not in ev.lists:
             name = small.target.value
-            averages.append(Average(name, name, _divisor(small.value, ev, qualified), position, in_place=True))
+            averages.append(Average(name, name, _divisor(in_place, ev, qualified), position, in_place=True))
             pending.discard(name)
-        elif m.matches(small, m.Assign(targets=[m.AssignTarget(m.Name())],
-                                       value=m.BinaryOperation(operator=m.Divide(), left=m.Name()))) and \
-                small.value.left.value in pending and small.value.left.value not in index.reads(small.value.right):
-            name = small.value.left.value
-            averages.append(Average(name, small.targets[0].target.value,
-                                    _divisor(small.value.right, ev, qualified), position))
+        elif averaged is not None and averaged[0] in pending and averaged[0] not in index.reads(averaged[1]):
+            name = averaged[0]
+            averages.append(Average(name, small.targets[0].target.value, _divisor(averaged[1], ev, qualified),
+                                    position))
             pending.discard(name)
         else:
             inline = _inline_use(statement, pending, ev, qualified, index)
@@ -226,10 +292,12 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     if not loop_writes:
         raise Refusal(Code.ACCUMULATOR, "the loop accumulates into no local variable (`name += ...`)")
     inits: dict[str, int] = {}
+    zeros: dict[str, cst.BaseExpression] = {}
     for position in range(loop_index - 1, -1, -1):
-        name = accumulator_init(block[position], qualified)
-        if name in loop_writes and name not in inits:
-            inits[name] = position
+        found = accumulator_inits(block[position], qualified)
+        if found and set(found) <= loop_writes - set(inits):
+            inits.update((name, position) for name in found)
+            zeros.update(found)
         elif binds(block[position]) & (loop_writes - set(inits)) or index.reads(block[position]) & (
                 loop_writes - set(inits)):
             break
@@ -244,14 +312,15 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
                                             "initialisation and the loop")
     point = locate(site.scope, loop)
     facts = Facts(index, point, qualified)
-    ev = evaluate(loop, set(inits), facts)
+    ev = evaluate(loop, set(inits), facts, {name for name, zero in zeros.items() if isinstance(zero, cst.List)})
     for metric in ev.head0:  # its zero default before the loop belongs to the site
         default = next((i for i in range(loop_index - 1, -1, -1)
-                        if accumulator_init(block[i], qualified) == metric.name), None)
+                        if set(accumulator_inits(block[i], qualified)) == {metric.name}), None)
         if default is None:
             raise Refusal(Code.HEAD0_METRIC, f"the head-0 metric `{metric.name}` has no zero default before the "
                                              "loop")
         inits[metric.name] = default
+        zeros[metric.name] = _assigned(block[default])[1]
     counters = {a.name for a in ev.accumulations if a.value == 1}
     if any(isinstance(a.value, Ratio) for a in ev.accumulations if a.name in counters):
         raise Refusal(Code.ACCUMULATOR, "a name is both a head counter and a loss accumulator")
@@ -260,7 +329,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
         for f in a.value.numerator.factors))
     start = min(inits.values())
     temporaries = _temporaries(analysis, site.scope, loop, ev)
-    site = replace(site, start=start, init_indices=tuple(sorted(inits.values())), rho1_style=rho1_style,
+    site = replace(site, start=start, init_indices=tuple(sorted(set(inits.values()))), rho1_style=rho1_style,
                    temporaries=temporaries)
     progress.append(site)
     averages, stop = _averages(block, loop_index, ev, set(inits) - counters - {h.name for h in ev.head0},
@@ -268,7 +337,7 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
     positions = analysis.positions
     site = replace(site, averages=tuple(averages), stop=stop,
                    span=(positions[block[start]].start.line, positions[block[stop - 1]].end.line))
-    spec = classify(ev, averages, counters, {name: _assigned(block[i])[1] for name, i in inits.items()})
+    spec = classify(ev, averages, counters, zeros)
     _check_liveness(analysis, site, spec)
     return replace(site, spec=spec,
                    rho1_style=rho1_style or spec.normalize == "weights" or spec.head_average == "valid")
@@ -277,7 +346,8 @@ def _analyze(analysis: Analysis, progress: list[Site]) -> Site:
 def _check_liveness(analysis: Analysis, site: Site, spec) -> None:
     """Every name the site binds that is read later must be bound, to the same value, by the call."""
     inline = {a.accumulator for a in site.averages if a.inline is not None}
-    outputs = {spec.weighted_output, spec.unweighted_output, spec.head0_output} - {None} - inline
+    outputs = {spec.weighted_output, spec.unweighted_output, spec.head0_output,
+               *(scaled.output for scaled in spec.scaled_outputs)} - {None} - inline
     bound = set().union(*(binds(s) for s in site.statements))
     kept = set().union(*(binds(s) for s in site.kept)) if site.kept else set()
     point = locate(site.scope, site.block[site.start])
@@ -370,7 +440,9 @@ def _called(decorator: cst.BaseExpression) -> cst.BaseExpression:
 
 
 def find_sites(module: cst.Module, analysis: Analysis | None = None) -> list[Site]:
-    loops = _HeadLoops()
+    built = m.findall(module, m.Assign(targets=[m.AssignTarget(m.Name())], value=m.Call()))
+    loops = _HeadLoops({a.targets[0].target.value for a in built
+                        if (dotted(a.value.func) or "").endswith(suffixes(Form.MODULE))})
     module.visit(loops)
     if not loops.found:
         return []

@@ -25,7 +25,7 @@ DEFAULT_DTYPE = DType("torch.get_default_dtype()")
 def zero_dtypes(value: cst.BaseExpression, qualified) -> tuple[DType, ...] | None:
     """The dtype of a zero initialisation (``torch.tensor(0.0, dtype=...)``, ``x.new_zeros(())``...), or
     ``None`` for a Python number."""
-    if literal_number(value) is not None:
+    if literal_number(value) is not None or isinstance(value, cst.List):  # `sum([])` is the number 0
         return None
     dtype = next((a.value for a in value.args if a.keyword is not None and a.keyword.value == "dtype"), None)
     if dtype is not None:

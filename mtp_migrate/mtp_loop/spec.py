@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal, get_args
 
 import libcst as cst
 
 from mtp_migrate.config import Count, HeadAverage, Normalize, WeightAlignment
 from mtp_migrate.mtp_loop.dtypes import Promotion
 from mtp_migrate.refusals import Code, Refusal
+
+# The keys of the utility's output (``MTPLoss`` in ``loss_utils.py``; a test checks they agree): the
+# emitter reads what it writes from these.
+LossKey = Literal["weighted_ce_loss", "unweighted_ce_loss", "per_head_ce_loss"]
+OutputKey = Literal[LossKey, Count]
+WEIGHTED_LOSS, UNWEIGHTED_LOSS, PER_HEAD_LOSS = get_args(LossKey)
 
 
 class Action(str, Enum):
@@ -31,6 +38,25 @@ class Result:
     dtype: Promotion | None = None
     zero: str | None = None
     count: Count | None = None
+
+
+@dataclass(frozen=True)
+class ScaledOutput:
+    """An accumulator of ``scale_k * unweighted_k`` (``head_weights[k - 1] * ce_mean``), averaged over the heads:
+    the call's ``per_head_ce_loss`` scaled head by head and summed in the loop's order.
+
+    ``template`` is the loop's product with ``{}`` for the per-head loss, in terms of ``variable``, which runs
+    over the heads as the loop's did (from 1 when ``first`` is 1, from 0 when it is 0). ``dtype`` is the loop's
+    dtype for the per-head loss: the call's is cast to it, so that the scale promotes with it as in the loop.
+    ``divisor`` is the loop's head count as written, or ``None`` where it is better not evaluated again (the
+    number of per-head losses then)."""
+
+    output: str
+    template: str
+    variable: str
+    first: int
+    dtype: Promotion
+    divisor: str | None
 
 
 @dataclass(frozen=True)
@@ -60,21 +86,32 @@ class LoopSpec:
     weighted_result: Result = Result()
     unweighted_result: Result = Result()
     head0_result: Result = Result()
+    scaled_outputs: tuple[ScaledOutput, ...] = ()
+
+
+@dataclass(frozen=True)
+class Divisor:
+    """What an accumulator is divided by after the loop: the loop's head count (``"heads"``),
+    ``max(counter, 1)`` for a counter of the heads with tokens (``"valid"``), or anything else
+    (``"other"``, as written)."""
+
+    kind: Literal["heads", "valid", "other"]
+    text: str = ""  # for "other"
+    counter: str | None = None  # for "valid"
 
 
 @dataclass(frozen=True)
 class Average:
     """How an accumulator is averaged over heads after the loop.
 
-    ``divisor`` is ``"heads"`` (the loop's head count), ``"valid:<counter>"``
-    (``max(counter, 1)``) or the divisor as written. ``inline`` is the statement that
-    reads ``acc / divisor`` with ``acc / divisor`` replaced by ``acc`` (a ``return`` or an
-    expression using the average), or ``None`` for ``acc /= n`` / ``out = acc / n``.
+    ``inline`` is the statement that reads ``acc / divisor`` with ``acc / divisor`` replaced
+    by ``acc`` (a ``return`` or an expression using the average), or ``None`` for
+    ``acc /= n`` / ``out = acc / n``.
     """
 
     accumulator: str
     output: str
-    divisor: str
+    divisor: Divisor
     index: int
     inline: cst.BaseStatement | None = None
     in_place: bool = False  # `acc /= n`: a tensor keeps its dtype (`acc / n` turns an integer one into a float)

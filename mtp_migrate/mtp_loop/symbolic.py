@@ -9,8 +9,9 @@ products of factors (``Tokens``), their sums (``Total``) and ratios of sums (``R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Literal
 
 import libcst as cst
 
@@ -87,6 +88,9 @@ class Layout(Enum):
     CLASS_FIRST = "[B, V, S-k]"
 
 
+OpKind = Literal["precision", "value", "compare", "bool", "detach"]
+
+
 @dataclass(frozen=True)
 class Op:
     """An elementwise operation on a per-token tensor: a cast, a comparison, ``detach``.
@@ -97,7 +101,7 @@ class Op:
     ``template.format(x)``.
     """
 
-    kind: str
+    kind: OpKind
     template: str
     operator: str = ""  # for comparisons: "!=", "==", ...
     operand: str = ""  # for comparisons: the other side, as written
@@ -137,13 +141,14 @@ class View:
     layout: Layout
     ops: tuple[Op, ...] = ()
     shape_checks: tuple = ()  # (args of a .view/.reshape as Lin | None for -1, ...) to check once resolved
+    ellipsis: bool = False  # written `[..., h, :]`: ``head`` is on axis 2 only of a 4-D tensor (the logits)
 
     def with_op(self, op: Op) -> View:
-        return View(self.base, self.start, self.stop, self.head, self.layout, (*self.ops, op), self.shape_checks)
+        return replace(self, ops=(*self.ops, op))
 
     def relayout(self, layout: Layout, check: tuple | None = None) -> View:
         checks = self.shape_checks if check is None else (*self.shape_checks, check)
-        return View(self.base, self.start, self.stop, self.head, layout, self.ops, checks)
+        return replace(self, layout=layout, shape_checks=checks)
 
     @property
     def boolean(self) -> bool:
@@ -162,7 +167,7 @@ class View:
 
     def as_factor(self) -> View:
         """The view as a per-token factor: its layout belongs to the product, not to the factor."""
-        return View(self.base, self.start, self.stop, self.head, Layout.GRID, self.ops)
+        return View(self.base, self.start, self.stop, self.head, Layout.GRID, self.ops, ellipsis=self.ellipsis)
 
 
 @dataclass(frozen=True)
@@ -186,16 +191,29 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Total:
-    """``Tokens(...).sum()``."""
+    """``Tokens(...).sum()``; ``safe``: replaced where it is not > 0 (``torch.where(d > 0, d, 1)``), so a
+    division by it has finite gradients on a head without tokens."""
 
     factors: tuple
     shape_checks: tuple = ()
+    safe: bool = False
+
+
+@dataclass(frozen=True)
+class HeadScale:
+    """A per-head number the ratio is multiplied by (``head_weights[k - 1] * ratio``, ``lam ** (k - 1)``), as
+    written: it reads only the loop variable and names from outside the loop. ``template`` is the product with
+    ``{}`` for the ratio, in the order written."""
+
+    node: cst.BaseExpression = field(compare=False)
+    template: str = "{}"
 
 
 @dataclass(frozen=True)
 class Ratio:
     numerator: Total
     denominator: Total
+    scale: HeadScale | None = None  # None: the ratio itself
 
 
 @dataclass(frozen=True)
@@ -206,6 +224,7 @@ class Accumulation:
     value: Ratio | int  # a ratio, or 1 for a head counter
     guard: Total | None
     node: cst.CSTNode = field(compare=False, default=None)
+    where: bool = False  # guarded by `torch.where(guard > 0, ratio, 0)`: a tensor is added on every head
 
 
 @dataclass(frozen=True)

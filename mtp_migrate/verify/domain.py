@@ -29,9 +29,12 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int
 FLOATING_KINDS = {"logits", "mask_float", "mask_soft", "mask_grad", "weights", "weights_negative", "weights_large"}
 TENSOR_KINDS = ["tokens", "mask_long", "mask_bool", "mask_float", "mask_soft", "mask_segments", "mask_grad",
                 "weights", "weights_negative", "weights_large", "weights_integer"]
+WEIGHT_KINDS = ["weights", "weights_negative", "weights_large", "weights_integer"]
+PER_HEAD = "heads"  # a vector of H + 1 values, one per head and one more (`w[k]` with a main head's weight first)
 _PREFERRED = [  # (words in the slot's name, what to try first)
     (("label", "target", "token", "ids"), "tokens"),
     (("mask",), "mask_long"),
+    (("head", "scale", "lam"), f"weights@{PER_HEAD}"),  # a vector indexed by the head: `head_scales[k - 1]`
     (("weight", "sel", "reward", "adv", "coef", "score"), "weights"),
     (("future", "head", "n_"), ("H", 0)),
     (("vocab",), ("V", 0)),
@@ -50,8 +53,12 @@ def candidates(slot) -> list:
             options = ["scalar"]
         elif slot.rank == 3 and not slot.rank_is_exact:  # at least 3: the logits, or per-head values
             options = ["logits", *(f"{kind}@3" for kind in TENSOR_KINDS)]
+        elif slot.rank == 1 and not slot.rank_is_exact:  # indexed once: per sample, or per head (`w[k - 1]`)
+            options = [*TENSOR_KINDS, *(f"{kind}@{PER_HEAD}" for kind in WEIGHT_KINDS)]
         else:
             options = list(TENSOR_KINDS)
+    elif slot.kind == "sized":
+        options = [length for length in SCALARS if length[0] != "const"]
     elif slot.kind == "dtype":
         options = list(DTYPES)
     elif slot.kind == "device":

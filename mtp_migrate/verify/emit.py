@@ -251,11 +251,29 @@ def _function(source: str, name: str, suffix: str) -> str:
     """The program as a module-level function ``<name>_<suffix>``, without the verifier's site markers;
     a line that binds an input to itself (``weights = weights``, once the parameter is named after
     it) is dropped."""
-    lines = source.rstrip("\n").splitlines()
+    lines = cst.parse_module(source).visit(_Tidy()).code.rstrip("\n").splitlines()
     lines[0] = lines[0].replace(f"def {name}(", f"def {name}_{suffix}(", 1)
     body = [line for line in lines[1:] if not line.strip().startswith(MARKER) and
             not re.fullmatch(r"\s*(\w+) = \1", line)]
     return "\n".join([lines[0], *body])
+
+
+class _Tidy(cst.CSTTransformer):
+    """What a user's lint run flags in the programs' code, changed without changing its meaning:
+    ``import a.b as b`` -> ``from a import b``, the same module under the same name (ruff's PLR0402, a
+    default rule of ruff 0.17; the loop's file may spell it either way), and blank lines with spaces (W293)."""
+
+    def leave_Import(self, original_node: cst.Import, updated_node: cst.Import) -> cst.BaseSmallStatement:
+        alias = updated_node.names[0]
+        if len(updated_node.names) == 1 and isinstance(alias.name, cst.Attribute) and alias.asname is not None \
+                and isinstance(alias.asname.name, cst.Name) and alias.asname.name.value == alias.name.attr.value:
+            return cst.ImportFrom(module=alias.name.value, names=[cst.ImportAlias(name=alias.name.attr)])
+        return updated_node
+
+    def leave_EmptyLine(self, original_node: cst.EmptyLine, updated_node: cst.EmptyLine) -> cst.EmptyLine:
+        if updated_node.comment is None:
+            return updated_node.with_changes(indent=False, whitespace=cst.SimpleWhitespace(""))
+        return updated_node
 
 
 def _assigned(program: SiteProgram) -> set[str]:

@@ -35,7 +35,7 @@ class Input:
 
     param: str
     path: str
-    kind: str  # "tensor", "scalar", "dtype", "device"
+    kind: str  # "tensor", "scalar", "dtype", "device", "sized" (a collection whose length is read)
     rank: int | None = None
 
 
@@ -87,13 +87,16 @@ def make_inputs(case: Case, inputs) -> dict:
         if slot.kind == "scalar":
             kind, offset = choice
             arguments[slot.param] = offset if kind == "const" else case.shape[kind] + offset
+        elif slot.kind == "sized":  # a list of that length (`model.heads`)
+            kind, offset = choice
+            arguments[slot.param] = [None] * (case.shape[kind] + offset)
         elif slot.kind == "device":
             arguments[slot.param] = torch.device(choice)
         elif slot.kind == "dtype":
             arguments[slot.param] = choice
         else:
             kind, _, rank = choice.partition("@")
-            rank = int(rank) if rank else 4 if kind == "logits" else slot.rank
+            rank = (int(rank) if rank.isdigit() else rank) if rank else 4 if kind == "logits" else slot.rank
             tensor = _tensor(kind, rank, case, gen, case.lengths.get(slot.param, 0),
                              case.dtypes.get(slot.param, case.dtype))
             if slot.param in case.singleton:
@@ -102,9 +105,10 @@ def make_inputs(case: Case, inputs) -> dict:
     return arguments
 
 
-def _tensor(kind: str, rank: int | None, case: Case, gen, delta: int, dtype: torch.dtype) -> torch.Tensor:
+def _tensor(kind: str, rank: int | str | None, case: Case, gen, delta: int, dtype: torch.dtype) -> torch.Tensor:
     b, s, h, v = case.shape["B"], case.shape["S"] + delta, case.shape["H"], case.shape["V"]
-    dims = {0: (), 1: (b,), 2: (b, s), 3: (b, s, h), 4: (b, s, h, v)}.get(rank or 2, (b, s, h, v, 2))
+    dims = {0: (), 1: (b,), 2: (b, s), 3: (b, s, h), 4: (b, s, h, v), "heads": (h + 1,)}.get(rank or 2,
+                                                                                         (b, s, h, v, 2))
     if kind == "logits":
         return (3 * torch.randn(dims, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_(True)
     if kind == "scalar":

@@ -587,13 +587,17 @@ def _qualified(node: cst.BaseExpression, resolve) -> str | None:
 
 
 def _narrowed(statement: cst.SimpleStatementLine, names: set[str]) -> cst.SimpleStatementLine:
-    """``from m import a, b, c`` -> ``from m import b`` when only ``b`` is read: the names the program does not
+    """``from m import a, b, c`` (or ``*``) -> ``from m import b`` when only ``b`` is read: the names the program does not
     read are not its business (the utility module stands in for the target's, and has only the utility)."""
     small = statement.body[0]
-    if not isinstance(small, cst.ImportFrom) or isinstance(small.names, cst.ImportStar):
+    if not isinstance(small, cst.ImportFrom):
         return statement.with_changes(leading_lines=())
-    kept = [alias.with_changes(comma=cst.MaybeSentinel.DEFAULT) for alias in small.names
-            if (alias.evaluated_alias or alias.evaluated_name) in names]
+    if isinstance(small.names, cst.ImportStar):  # `import *` is only allowed at module level, the program is a function
+        kept = [cst.ImportAlias(cst.Name(name)) for name in sorted(names)]
+        statement = statement.with_changes(trailing_whitespace=cst.TrailingWhitespace())  # its comment is about the star
+    else:
+        kept = [alias.with_changes(comma=cst.MaybeSentinel.DEFAULT) for alias in small.names
+                if (alias.evaluated_alias or alias.evaluated_name) in names]
     return statement.with_changes(body=[small.with_changes(names=kept, lpar=None, rpar=None)], leading_lines=())
 
 

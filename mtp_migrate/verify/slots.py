@@ -27,7 +27,7 @@ class Slot:
 
     param: str
     path: str
-    kind: str  # "tensor", "scalar", "dtype", "device"
+    kind: str  # "tensor", "scalar", "dtype", "device", "sized" (a collection whose length is read)
     rank: int | None = None  # for tensors: the rank the code implies (exactly, or at least)
     rank_is_exact: bool = False
     hint: str = ""  # the path's last name: orders candidate values, never restricts them
@@ -215,7 +215,7 @@ def read_kinds(module: cst.Module, slots: dict[str, Slot], priors: dict[str, str
         if isinstance(value, cst.Name) and value.value in by_param:
             aliases[assign.targets[0].target.value] = value.value
     evidence: dict[str, dict] = {p: {"tensor": 0, "rank": 0, "exact": None, "dtype": 0, "device": 0, "scalar": 0,
-                                     "to": 0} for p in by_param}
+                                     "to": 0, "sized": 0} for p in by_param}
     for name in m.findall(module, m.Name()):
         param = name.value if name.value in by_param else aliases.get(name.value)
         if param is None:
@@ -234,6 +234,8 @@ def read_kinds(module: cst.Module, slots: dict[str, Slot], priors: dict[str, str
             slot.kind = "dtype"
         elif seen["to"]:
             slot.kind = "device" if "device" in slot.hint else "dtype"
+        elif seen["sized"] and not seen["scalar"]:
+            slot.kind = "sized"
         else:
             slot.kind = "scalar"
 
@@ -268,10 +270,18 @@ def _observe(node: cst.Name, parents, seen: dict) -> None:
         count = sum(1 for e in parent.slice if not m.matches(e.slice, m.Index(value=m.Ellipsis())))
         if any(m.matches(e.slice, m.Index(value=m.Ellipsis())) for e in parent.slice):
             count += 1
+            grand = parents.get(parent)
+            if isinstance(grand, cst.Subscript) and grand.value is parent:
+                # `w[..., 0][:, k:]`: what the first subscript leaves must take the second's elements
+                dropped = sum(1 for e in parent.slice if isinstance(e.slice, cst.Index) and not m.matches(
+                    e.slice, m.Index(value=m.Ellipsis())))
+                count = max(count, dropped + len(grand.slice))
         seen["rank"] = max(seen["rank"], count)
         return
     if isinstance(parent, cst.Arg) and parent.value is node:
-        if parent.keyword is not None and parent.keyword.value == "dtype":
+        if m.matches(parents.get(parent), m.Call(func=m.Name("len"), args=[m.Arg()])):
+            seen["sized"] += 1  # `len(model.heads)`: a collection, only its length read
+        elif parent.keyword is not None and parent.keyword.value == "dtype":
             seen["dtype"] += 1
         elif parent.keyword is not None and parent.keyword.value == "device":
             seen["device"] += 1
