@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 from typing import Literal
 
 
@@ -63,6 +64,7 @@ REGISTERED_NAMES = frozenset().union(LOG_SOFTMAX, *(loss.qualified for loss in L
 PREFILTER: tuple[bytes, ...] = tuple(dict.fromkeys(loss.prefilter for loss in LOSSES))
 
 
+@cache  # read per call node by the finder: the table is fixed
 def suffixes(form: Form) -> tuple[str, ...]:
     """How the finder, before names are resolved, spots a loss call (or, for a module, its construction)."""
     return tuple(dict.fromkeys(loss.suffix for loss in LOSSES if loss.form is form))
