@@ -287,6 +287,9 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
 
     ``inits`` holds the zero each accumulator and head-0 metric starts from."""
     classifier = Classifier(ev)
+    if ev.zipped and not _all_heads(ev, classifier.resolve):
+        raise Refusal(Code.LOOP_HEADER, f"`zip` pairs the heads with a range of `{code(ev.head_count)}`, not provably "
+                                        "logits.shape[2]: where it is more, zip walks fewer heads than the call")
     by_name: dict[str, list] = {}
     for accumulation in ev.accumulations:
         if accumulation.name not in counters:
