@@ -160,6 +160,9 @@ class Classifier:
     def logits(self) -> str:
         """The logits as the call receives them: cut like the rest, and in fp64 where the loop computes in fp64."""
         text = self._cut(self.ce.logits)
+        if self.ce.gathered:  # gather takes an index smaller than its input: the loop reads logits where labels are
+            labels = self.ce.labels.base.atom
+            text = f"{text}[:{labels}.shape[0], :{labels}.shape[1]]"
         if self.computes_in_fp64:
             for op in self.ce.logits.ops:
                 if op.dtypes is not None:
@@ -220,7 +223,12 @@ class Classifier:
     def _is_valid(self, view: View, alignment: WeightAlignment) -> bool:
         """``labels != ignore_index`` at the targets, as cross_entropy ignores them."""
         ops = [op for op in view.ops if op.kind != "precision"]
-        if view.base.text != self.ce.labels.base.text or alignment != "target" or not ops:
+        # What the call receives may be the labels filled (`clamp_min(0)`): only that, compared, is its mask.
+        fills = [op for op in self.ce.labels.ops if op.kind == "value" and op.dtypes is None]
+        if view.base.text != self.ce.labels.base.text or alignment != "target" or ops[:len(fills)] != fills:
+            return False
+        ops = ops[len(fills):]
+        if not ops:
             return False
         compare, rest = ops[0], ops[1:]
         if compare.kind != "compare" or compare.operator != "!=" or not _same_constant(compare.operand,

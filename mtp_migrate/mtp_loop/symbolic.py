@@ -178,6 +178,7 @@ class CrossEntropy:
     labels: View
     ignore_index: cst.BaseExpression | None = field(compare=False)  # None: -100
     ignore_text: str = "-100"
+    gathered: bool = False  # written out with gather, which reads the logits only where the labels are
 
 
 @dataclass(frozen=True)
