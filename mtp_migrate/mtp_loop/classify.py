@@ -141,7 +141,10 @@ class Classifier:
         """The whole tensor as the call receives it: cut to the loop's length, with the view's value operations."""
         text = self._cut(view)
         for op in view.ops:
-            if op.kind != "precision":
+            if op.kind == "fill":  # an argument needs no parentheses of its own
+                condition = cst.parse_expression(self.render(op.condition)).with_changes(lpar=(), rpar=())
+                text = f"{text}.masked_fill({code(condition)}, {op.operand})"
+            elif op.kind != "precision":
                 text = op.apply(text)
         return text
 
@@ -220,7 +223,11 @@ class Classifier:
     def _is_valid(self, view: View, alignment: WeightAlignment) -> bool:
         """``labels != ignore_index`` at the targets, as cross_entropy ignores them."""
         ops = [op for op in view.ops if op.kind != "precision"]
-        if view.base.text != self.ce.labels.base.text or alignment != "target" or not ops:
+        fills = [op for op in self.ce.labels.ops if op.kind == "fill"]  # the labels the call receives, filled
+        if view.base.text != self.ce.labels.base.text or alignment != "target" or ops[:len(fills)] != fills:
+            return False
+        ops = ops[len(fills):]
+        if not ops or any(op.kind == "fill" for op in ops):
             return False
         compare, rest = ops[0], ops[1:]
         if compare.kind != "compare" or compare.operator != "!=" or not _same_constant(compare.operand,
