@@ -141,7 +141,10 @@ class Classifier:
         """The whole tensor as the call receives it: cut to the loop's length, with the view's value operations."""
         text = self._cut(view)
         for op in view.ops:
-            if op.kind != "precision":
+            if op.kind == "fill":  # an argument needs no parentheses of its own
+                condition = cst.parse_expression(self.render(op.condition)).with_changes(lpar=(), rpar=())
+                text = f"{text}.masked_fill({code(condition)}, {op.operand})"
+            elif op.kind != "precision":
                 text = op.apply(text)
         return text
 
@@ -223,12 +226,13 @@ class Classifier:
     def _is_valid(self, view: View, alignment: WeightAlignment) -> bool:
         """``labels != ignore_index`` at the targets, as cross_entropy ignores them."""
         ops = [op for op in view.ops if op.kind != "precision"]
-        # What the call receives may be the labels filled (`clamp_min(0)`): only that, compared, is its mask.
-        fills = [op for op in self.ce.labels.ops if op.kind == "value" and op.dtypes is None]
+        # What the call receives may be the labels filled (`clamp_min(0)`, `masked_fill`): only that, compared,
+        # is its mask.
+        fills = [op for op in self.ce.labels.ops if op.kind == "fill" or op.kind == "value" and op.dtypes is None]
         if view.base.text != self.ce.labels.base.text or alignment != "target" or ops[:len(fills)] != fills:
             return False
         ops = ops[len(fills):]
-        if not ops:
+        if not ops or any(op.kind == "fill" for op in ops):
             return False
         compare, rest = ops[0], ops[1:]
         if compare.kind != "compare" or compare.operator != "!=" or not _same_constant(compare.operand,

@@ -320,6 +320,8 @@ class ExpressionEvaluator:
             return receiver
         if method in _RELAYOUT:
             return self._relayout(receiver, method, args, node)
+        if method == "masked_fill":
+            return self._masked_fill(receiver, args, node)
         if method == "log_softmax":
             return self._over_vocabulary(receiver, args, node)
         if method == LOGSUMEXP_GATHER.suffix:
@@ -361,6 +363,23 @@ class ExpressionEvaluator:
             self._outer(args[0].value)
             return Op("value", template, dtypes=(DType.of_tensor(Outer(args[0].value, code(args[0].value)).atom),))
         return None
+
+    def _masked_fill(self, receiver, args: list[cst.Arg], node: cst.Call) -> View:
+        """``x.masked_fill(condition, fill)`` of a per-token view ``x``, with a boolean ``condition`` sliced as ``x``
+        is and a ``fill`` from outside the loop: an operation the call receives as written, on the whole tensors
+        (a filled label is then ignored by the utility exactly as by the loss, whatever the logits there)."""
+        if not isinstance(receiver, View) or receiver.layout not in (Layout.GRID, Layout.FLAT) or \
+                receiver.nonnegative or len(args) != 2 or any(a.keyword or a.star for a in args):
+            raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
+        condition, fill = self.value(args[0].value), args[1].value
+        if not (isinstance(condition, View) and condition.boolean and condition.layout is receiver.layout and
+                (condition.start, condition.stop, condition.head) == (receiver.start, receiver.stop, receiver.head)
+                and not condition.ellipsis and condition.shape_checks == receiver.shape_checks):
+            raise Refusal(Code.LAYOUT, f"`{code(node)}`: the condition is not a boolean sliced as the tensor is")
+        if literal_int(fill) is None and not isinstance(fill, cst.Name | cst.Attribute):
+            raise Refusal(Code.STATEMENT, f"`{code(node)}`: the fill is not an integer literal or a name")
+        self._outer(fill)
+        return receiver.with_op(Op("fill", "", "masked_fill", code(fill), condition=condition))
 
     def _conversion(self, arg: cst.Arg) -> tuple[str, tuple[DType, ...] | None]:
         """What one argument of ``.to(...)`` does: ``precision``, ``bool``, ``device`` or ``value`` (unknown),
