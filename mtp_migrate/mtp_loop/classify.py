@@ -228,7 +228,8 @@ class Classifier:
         ops = [op for op in view.ops if op.kind != "precision"]
         # What the call receives may be the labels filled (`clamp_min(0)`, `masked_fill`): only that, compared,
         # is its mask.
-        fills = [op for op in self.ce.labels.ops if op.kind == "fill" or op.kind == "value" and op.dtypes is None]
+        fills = [op for op in self.ce.labels.ops
+                 if op.kind == "fill" or (op.kind == "value" and op.dtypes is None)]
         if view.base.text != self.ce.labels.base.text or alignment != "target" or ops[:len(fills)] != fills:
             return False
         ops = ops[len(fills):]
