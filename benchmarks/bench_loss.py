@@ -15,7 +15,8 @@ the gradients of both inputs. "native" is torch's chunked ``F.linear_cross_entro
 2.13, ``options=nn.LinearCrossEntropyOptions()``), one call per head, which never builds the
 logits either. Training is measured once per output that receives the gradient: the weighted
 loss (weights given), the unweighted loss and a weighted sum of the per-head losses (no weights,
-as the baseline pipelines call it). With ``--width 0`` the logits are the input, and only the
+as the baseline pipelines call it), with distinct coefficients per head ("per_head") and with one
+for every head ("per_head_uniform"). With ``--width 0`` the logits are the input, and only the
 weighted loss is trained.
 
 Peak extra memory is measured on top of the inputs and reported in units of L, the bytes
@@ -48,18 +49,23 @@ VARIANTS = {
     "fused": "compute_mtp_ce_loss_from_hidden (latents and unembedding, no logits)",
     "native": "F.linear_cross_entropy per head (torch's chunked op, no logits)",
 }
-# The output that training differentiates; "per_head" is sum(c_k * per_head_ce_loss[k]).
-OUTPUTS = ("weighted", "unweighted", "per_head")
+# The output that training differentiates; "per_head" is sum(c_k * per_head_ce_loss[k]) with distinct c_k,
+# "per_head_uniform" the same sum with one c for every head (DeepSeek-V3's MTP loss, lambda / n * sum_k L_k).
+OUTPUTS = ("weighted", "unweighted", "per_head", "per_head_uniform")
 DTYPES = ("fp32", "bf16")
 BUDGET_GIB = 80  # the "largest batch" column: one 80 GiB accelerator's worth of logits + loss
 TARGET = {"seq": 2048, "heads": 4, "vocab": 32000, "width": 4096}  # the shape the batch is derived for, bf16
 
 
-def head_coefficients(heads):
-    """The per-head output's weighted sum: coefficients a pipeline learns or schedules, unknown to the loss."""
+def head_coefficients(heads, output="per_head"):
+    """The per-head output's weighted sum: coefficients a pipeline learns or schedules, unknown to the loss.
+
+    Distinct ones make the fused loss re-walk every head but one in backward (the unembedding's gradient
+    sums over heads); one coefficient for all (0.3 / n: not a power of two, so bf16 latents' rows are
+    recomputed, rounded once) re-walks none in fp32."""
     import torch
 
-    return torch.linspace(0.5, 1.5, heads)
+    return torch.full((heads,), 0.3 / heads) if output == "per_head_uniform" else torch.linspace(0.5, 1.5, heads)
 
 
 def inline_loop(logits, labels, attention_mask, weights, delete_temporaries):
@@ -181,12 +187,12 @@ def run_worker(variant, mode, dtype_name, output, shape, width, reps, device_nam
     else:
         template = torch.randn(batch, seq, heads, vocab, device=device, dtype=dtype)
     training = mode == "train"
-    coefficients = head_coefficients(heads).to(device)
+    coefficients = head_coefficients(heads, output).to(device)
     # The unweighted and per-head outputs are trained as the baseline pipelines call the loss: no weights.
     given = weights if output == "weighted" or not training else None
 
     def pick(out):
-        if output == "per_head":
+        if output.startswith("per_head"):
             return (coefficients * out["per_head_ce_loss"]).sum()
         return out[f"{output}_ce_loss"]
 

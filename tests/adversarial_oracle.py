@@ -13,8 +13,9 @@ go below, at and above the logits' heads, masks are bool, float, soft, segment i
 differentiable, and weights are negative, above 1, integer or per-head. Some names carry
 the shapes real code has: ``reward_weights`` ``[B, S, 1]`` (a reward head's output),
 ``input_weights`` one position short, ``full_labels`` and ``full_attention_mask`` one
-position longer than the logits (``model(input_ids[:, :-1])``), and ``nan_logits`` NaN
-at a position whose every target is an ignored label.
+position longer than the logits (``model(input_ids[:, :-1])``), ``nan_logits`` NaN
+at a position whose every target is an ignored label, and ``masked_nan_logits`` NaN (inf for
+head 1) in every head's row whose target is the masked token whose label is not ignored.
 """
 
 from __future__ import annotations
@@ -121,7 +122,13 @@ def inputs(case: Case, parameters) -> dict:
     nan_logits = 3 * torch.randn(b, s, h, v, generator=gen, dtype=torch.float64)
     if s >= 3:
         nan_logits[-1, s - 3] = float("nan")  # heads 1 and 2 read it for the padded targets s-2 and s-1
+    masked_nan_logits = 3 * torch.randn(b, s, h, v, generator=gen, dtype=torch.float64)
+    if s > 4:  # the mask's 0 at token 4 (its label is not ignored): head k reads it at position 4 - k
+        for k in range(1, min(h, 4) + 1):
+            masked_nan_logits[0, 4 - k, k - 1] = float("nan")
+        masked_nan_logits[0, 3, 0, 0] = float("inf")
     known.update({
+        "masked_nan_logits": masked_nan_logits.requires_grad_(True),
         "reward_weights": _weights(case, gen, (b, s, 1)), "input_weights": _weights(case, gen, (b, s - 1)),
         "full_labels": full_labels, "full_attention_mask": _mask(case, gen, (b, s + 1)),
         "nan_logits": nan_logits.requires_grad_(True),

@@ -105,9 +105,78 @@ def _per_head_sum(out):
     return (torch.linspace(0.5, 1.5, per_head.numel(), dtype=per_head.dtype) * per_head).sum()
 
 
+# Head factors of sum(c_k * per_head_ce_loss[k]): backward re-walks only the heads whose factor differs
+# from the most common one (for the unembedding's gradient), and in bf16 the heads whose factor is not a
+# power of two (for their rows of hidden's); n * c_k is each head's factor of the shared coefficients.
+HEAD_FACTORS = {
+    "distinct": lambda n: torch.linspace(0.5, 1.5, n),  # every head but one re-walked
+    "uniform": lambda n: torch.ones(n),  # per_head.sum(): nothing re-walked
+    "first": lambda n: torch.tensor([1.0] + [0.3] * (n - 1)),  # [1, λ, λ, λ]: head 1 re-walked
+    "zeros_and_powers": lambda n: torch.tensor([0.3, 2.0, 0.0, 0.3, 0.25, 0.3])[:n],  # a head unused, exact scalings
+}
+
+
+def _head_objective(factors, plus_unweighted=False):
+    def objective(out):
+        per_head = out["per_head_ce_loss"]
+        total = (HEAD_FACTORS[factors](per_head.numel()).to(per_head.dtype) * per_head).sum()
+        return total + 0.7 * out["unweighted_ce_loss"] if plus_unweighted else total
+    return objective
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(mask_dtypes=(torch.float64, torch.long, torch.bool), mask_values=("binary", "soft")),
+       st.integers(1, 5), st.booleans(), st.sampled_from(list(HEAD_FACTORS)), st.booleans())
+def test_per_head_gradients_for_any_head_factors_fp64(problem, width, bias, factors, plus_unweighted):
+    """Without weights the per-head losses' gradients are the precomputed ones rescaled, plus the re-walked
+    heads' (factor - base) * A_k: the same values as the logits path, to fp64's rounding."""
+    (logits, labels, attention_mask, _), options = problem
+    options["weight_alignment"] = "target"
+    hidden, weight, bias = unembedding(*logits.shape, width, seed=labels.numel(), bias=bias)
+    OBJECTIVES["_heads"] = _head_objective(factors, plus_unweighted)
+    try:
+        ours = outputs_and_grads(fused, "_heads", hidden, weight, bias, labels, attention_mask, None, **options)
+        reference = outputs_and_grads(logits_path, "_heads", hidden, weight, bias, labels, attention_mask, None,
+                                      **options)
+    finally:
+        del OBJECTIVES["_heads"]
+    assert_same(ours, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("factors", "heads", "walked"), [
+    # n * c_k per head; the first most common one is the base. fp64 rows are rescaled exactly, bf16 rows
+    # only by a power of two (or 0): the others are recomputed, rounded once.
+    ("uniform", 4, {torch.float64: set(), torch.bfloat16: set()}),  # 4, 4, 4, 4
+    ("uniform", 3, {torch.float64: set(), torch.bfloat16: {1, 2, 3}}),  # 3, 3, 3
+    ("first", 4, {torch.float64: {1}, torch.bfloat16: {1, 2, 3, 4}}),  # 4, 1.2, 1.2, 1.2
+    ("distinct", 3, {torch.float64: {2, 3}, torch.bfloat16: {1, 2, 3}}),  # 1.5, 3, 4.5
+    ("zeros_and_powers", 4, {torch.float64: {2, 3}, torch.bfloat16: {1, 2, 3, 4}}),  # 1.2, 8, 0, 1.2
+])
+def test_per_head_backward_walks_only_the_heads_it_must(monkeypatch, dtype, factors, heads, walked):
+    """Forward walks every head once; backward walks again only the heads listed, or none."""
+    walks = []
+    chunk_pass = fused_loss._chunk_pass
+    monkeypatch.setattr(fused_loss, "_chunk_pass", lambda *args, **kwargs: walks.append(kwargs.get("heads"))
+                        or chunk_pass(*args, **kwargs))
+    _, labels, attention_mask, _ = make_batch(2, 9, heads, 11, seed=3)
+    inputs = [x.to(dtype).requires_grad_(True) for x in unembedding(2, 9, heads, 11, 4, seed=3)]
+    objective = _head_objective(factors)
+    objective(fused(*inputs, labels, attention_mask, chunk_size=4)).backward()
+    assert walks[0] is None  # forward: every head
+    assert len(walks) == 1 + bool(walked[dtype])
+    assert (set(walks[1]) if len(walks) > 1 else set()) == walked[dtype]
+    if dtype == torch.float64:
+        exact = [x.detach().requires_grad_(True) for x in inputs]
+        expected = torch.autograd.grad(objective(logits_path(*exact, labels, attention_mask)), exact)
+        for x, want in zip(inputs, expected, strict=True):
+            torch.testing.assert_close(x.grad, want, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize(("objective", "with_weights"), [
     ("weighted", True), ("mix", True),  # precomputed; recomputed (unweighted and per-head with weights)
     ("unweighted", False), ("per_head", False), ("mix", False),  # precomputed, scaled; per head: recomputed
+    ("per_head_uniform", False), ("per_head_first", False), ("per_head_zeros_and_powers", False),
 ])
 def test_bf16_error_no_worse_than_logits_path(objective, with_weights):
     """Against fp64 on the same bf16 values, the fused error must not exceed the logits path's.
@@ -116,7 +185,8 @@ def test_bf16_error_no_worse_than_logits_path(objective, with_weights):
     where its roundings land, and the fused loss's margin (each gradient rounded once, the one-hot
     part exact) is about 10%; the logits path's own structure, the former fused loss's, ties it.
     """
-    objectives = {**OBJECTIVES, "per_head": _per_head_sum}
+    objectives = {**OBJECTIVES, "per_head": _per_head_sum,
+                  **{f"per_head_{name}": _head_objective(name) for name in HEAD_FACTORS}}
     squared = {}
     for seed in range(11, 15):
         _, labels, attention_mask, weights = make_batch(2, 64, 4, 512, seed=seed)

@@ -15,6 +15,10 @@ def _use(loss: LossSpelling, name: str) -> str:
     """A minimal file using ``loss`` through its qualified name ``name``."""
     module, _, attribute = name.rpartition(".")
     call = f"{attribute}(logits[:, :-k].flatten(0, 1), labels[:, k:].flatten(), reduction='none')"
+    if loss.form is Form.WRITTEN_OUT:
+        x, y = "logits[:, :-k, k - 1]", "labels[:, k:].clamp_min(0).unsqueeze(-1)"
+        call = f"-{attribute}({x}, dim=-1).gather(-1, {y}).squeeze(-1)" if loss.reads == "log_probs" else \
+            f"{attribute}({x}, dim=-1) - {x}.gather(-1, {y}).squeeze(-1)"
     if loss.form is Form.MODULE:
         return (f"from {module} import {attribute}\ncriterion = {attribute}(reduction='none')\n"
                 "for k in range(1, 3):\n    loss = criterion(logits[:, :-k].flatten(0, 1), labels[:, k:].flatten())\n")

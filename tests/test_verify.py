@@ -79,6 +79,22 @@ def loss(logits, labels, attention_mask):
     return total / n_future
 """
 
+MASKED_FILL = """
+import torch.nn.functional as F
+
+
+def loss(logits, labels, attention_mask):
+    _, seq_len, n_future, vocab_size = logits.shape
+    total = 0.0
+    for k in range(1, n_future + 1):
+        labels_k = labels[:, k:].masked_fill(attention_mask[:, k:] == 0, -100)
+        count = (labels_k != -100).sum()
+        if count > 0:
+            total += F.cross_entropy(logits[:, :-k, k - 1].reshape(-1, vocab_size), labels_k.reshape(-1),
+                                     reduction="sum") / count
+    return total / n_future
+"""
+
 MUTATIONS = {
     "wrong weight alignment": ("verifiable_weighted_and_unweighted", r"weights=weights\[:, :seq_len\],",
                                'weights=weights[:, :seq_len], weight_alignment="previous",'),
@@ -103,6 +119,10 @@ MUTATIONS = {
     "fp32 cast to fp64 where the loop computes in fp64": ("logits_double",
                                                           r'(?s)logits=logits\.double\(\)(.*?)\["unweighted_ce_loss"\]',
                                                           r'logits=logits\1["unweighted_ce_loss"].double()'),
+    # The filled labels' loss as the loss times the mask (the reverted 4d3b096): equal on finite logits, NaN where
+    # a masked row's logits are NaN and the loop's ignore_index gives 0; only the non-finite logits case sees it.
+    "filled labels as the loss times the mask": (MASKED_FILL, r"labels=labels\.masked_fill\(attention_mask == 0, -100\)",
+                                                 "labels=labels"),
 }
 
 

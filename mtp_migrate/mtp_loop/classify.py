@@ -141,7 +141,10 @@ class Classifier:
         """The whole tensor as the call receives it: cut to the loop's length, with the view's value operations."""
         text = self._cut(view)
         for op in view.ops:
-            if op.kind != "precision":
+            if op.kind == "fill":  # an argument needs no parentheses of its own
+                condition = cst.parse_expression(self.render(op.condition)).with_changes(lpar=(), rpar=())
+                text = f"{text}.masked_fill({code(condition)}, {op.operand})"
+            elif op.kind != "precision":
                 text = op.apply(text)
         return text
 
@@ -160,6 +163,9 @@ class Classifier:
     def logits(self) -> str:
         """The logits as the call receives them: cut like the rest, and in fp64 where the loop computes in fp64."""
         text = self._cut(self.ce.logits)
+        if self.ce.gathered:  # gather takes an index smaller than its input: the loop reads logits where labels are
+            labels = self.ce.labels.base.atom
+            text = f"{text}[:{labels}.shape[0], :{labels}.shape[1]]"
         if self.computes_in_fp64:
             for op in self.ce.logits.ops:
                 if op.dtypes is not None:
@@ -220,7 +226,14 @@ class Classifier:
     def _is_valid(self, view: View, alignment: WeightAlignment) -> bool:
         """``labels != ignore_index`` at the targets, as cross_entropy ignores them."""
         ops = [op for op in view.ops if op.kind != "precision"]
-        if view.base.text != self.ce.labels.base.text or alignment != "target" or not ops:
+        # What the call receives may be the labels filled (`clamp_min(0)`, `masked_fill`): only that, compared,
+        # is its mask.
+        fills = [op for op in self.ce.labels.ops
+                 if op.kind == "fill" or (op.kind == "value" and op.dtypes is None)]
+        if view.base.text != self.ce.labels.base.text or alignment != "target" or ops[:len(fills)] != fills:
+            return False
+        ops = ops[len(fills):]
+        if not ops or any(op.kind == "fill" for op in ops):
             return False
         compare, rest = ops[0], ops[1:]
         if compare.kind != "compare" or compare.operator != "!=" or not _same_constant(compare.operand,
@@ -287,6 +300,9 @@ def classify(ev: LoopEvaluator, averages: list[Average], counters: set[str],
 
     ``inits`` holds the zero each accumulator and head-0 metric starts from."""
     classifier = Classifier(ev)
+    if ev.zipped and not _all_heads(ev, classifier.resolve):
+        raise Refusal(Code.LOOP_HEADER, f"`zip` pairs the heads with a range of `{code(ev.head_count)}`, not provably "
+                                        "logits.shape[2]: where it is more, zip walks fewer heads than the call")
     by_name: dict[str, list] = {}
     for accumulation in ev.accumulations:
         if accumulation.name not in counters:

@@ -38,12 +38,13 @@ class LoopEvaluator(ExpressionEvaluator):
         self.top_level: list[str] = []  # tensors bound at the top level of the body, in order
         self.length_guards: list[Lin] = []  # each must be S - k once dimensions are resolved
         self.count_name: str | None = None  # `n` of `range(1, (n := ...) + 1)`
+        self.zipped = False  # `zip(range(...), logits.unbind(2))`: as many heads as the shorter has
         self.loop_name, self.head_offset, self.head_count = self._range(loop)
 
     # -- the loop header
     def _range(self, loop: cst.For) -> tuple[str, int, cst.BaseExpression]:
         if loop.orelse is None and self._unbound_heads(loop):
-            return self.loop_name, 1, self.head_count
+            return self.loop_name, self.head_offset, self.head_count
         if not isinstance(loop.target, cst.Name) or loop.orelse is not None:
             raise Refusal(Code.LOOP_HEADER, "the head loop must be `for k in range(...)` without `else`")
         heads = self._range_name(loop.iter)
@@ -58,17 +59,22 @@ class LoopEvaluator(ExpressionEvaluator):
         if not isinstance(heads, cst.Call) or self.qualified(heads.func) != {"builtins.range"} or any(
                 a.keyword or a.star for a in heads.args):
             raise Refusal(Code.LOOP_HEADER, f"the head loop iterates over `{code(loop.iter)}`, not range(...)")
+        self.loop_name = loop.target.value
+        self.head_offset, count = self._heads(heads, loop)
+        return self.loop_name, self.head_offset, self._count(count)
+
+    @staticmethod
+    def _heads(heads: cst.Call, loop: cst.For) -> tuple[int, cst.BaseExpression]:
+        """``(offset, n)`` of ``range(1, n + 1)`` (offset 0: k runs 1..n) or ``range(n)`` and ``range(0, n)``
+        (offset 1: k = var + 1); any other range refuses."""
         args = [a.value for a in heads.args]
         if len(args) == 3 and literal_int(args[2]) == 1:
             args = args[:2]  # an explicit step of 1
-        self.loop_name = loop.target.value
         if len(args) == 2 and literal_int(args[0]) == 1 and m.matches(
                 args[1], m.BinaryOperation(operator=m.Add())) and literal_int(args[1].right) == 1:
-            self.head_offset = 0  # k runs 1..n
-            return loop.target.value, 0, self._count(args[1].left)
+            return 0, args[1].left
         if len(args) == 1 or (len(args) == 2 and literal_int(args[0]) == 0):
-            self.head_offset = 1  # k = var + 1
-            return loop.target.value, 1, self._count(args[-1])
+            return 1, args[-1]
         raise Refusal(Code.LOOP_HEADER, f"unsupported head range `{code(loop.iter)}`")
 
     def _range_name(self, heads: cst.BaseExpression) -> cst.BaseExpression:
@@ -87,13 +93,22 @@ class LoopEvaluator(ExpressionEvaluator):
 
     def _unbound_heads(self, loop: cst.For) -> bool:
         """``for k, logits_k in enumerate(logits.unbind(2))``: the heads of the logits, ``k`` from 0 and
-        ``logits_k`` the whole of head ``k + 1`` (``unbind(dim=2)`` too). Binds the loop's state."""
-        pattern = m.Call(func=m.Name("enumerate"), args=[m.Arg(keyword=None, star="", value=m.Call(
-            func=m.Attribute(attr=m.Name("unbind")), args=[m.Arg(star="")]))])
+        ``logits_k`` the whole of head ``k + 1`` (``unbind(dim=2)`` too); or ``zip(range(...), logits.unbind(2))``
+        with ``k`` as the range gives it (see ``_heads``). Binds the loop's state."""
+        unbound = m.Arg(keyword=None, star="", value=m.Call(func=m.Attribute(attr=m.Name("unbind")),
+                                                             args=[m.Arg(star="")]))
+        enumerated = m.Call(func=m.Name("enumerate"), args=[unbound])
+        zipped = m.Call(func=m.Name("zip"), args=[m.Arg(keyword=None, star="", value=m.Call(func=m.Name("range"))),
+                                                  unbound])
         if not m.matches(loop.target, m.Tuple(elements=[m.Element(m.Name()), m.Element(m.Name())])) or \
-                not m.matches(loop.iter, pattern) or self.qualified(loop.iter.func) != {"builtins.enumerate"}:
+                not m.matches(loop.iter, enumerated | zipped) or \
+                self.qualified(loop.iter.func) != {f"builtins.{loop.iter.func.value}"}:
             return False
-        unbind = loop.iter.args[0].value
+        heads = loop.iter.args[0].value if loop.iter.func.value == "zip" else None
+        if heads is not None and (self.qualified(heads.func) != {"builtins.range"} or any(
+                a.keyword or a.star for a in heads.args)):
+            return False
+        unbind = loop.iter.args[-1].value
         (axis,) = unbind.args
         if (axis.keyword is not None and axis.keyword.value != "dim") or literal_int(axis.value) != 2:
             return False
@@ -104,6 +119,10 @@ class LoopEvaluator(ExpressionEvaluator):
         self.loop_name, self.head_offset = number, 1
         self.head_count = cst.Subscript(cst.Attribute(logits, cst.Name("shape")),
                                         [cst.SubscriptElement(cst.Index(cst.Integer("2")))])
+        if heads is not None:  # zip stops at the shorter: the classifier checks the range covers the heads
+            self.head_offset, count = self._heads(heads, loop)
+            self.head_count = self._count(count)
+            self.zipped = True
         self.env[tensor] = View(self._outer(logits), Lin(), None, Lin.of(K, 1, -1), Layout.HEAD_SLICE)
         return True
 

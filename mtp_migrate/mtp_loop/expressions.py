@@ -22,7 +22,14 @@ from mtp_migrate.flow.dataflow import reaching_definition
 from mtp_migrate.flow.names import changed_in_place
 from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
 from mtp_migrate.mtp_loop.facts import Facts
-from mtp_migrate.mtp_loop.losses import LOG_SOFTMAX, Form, LossSpelling, looks_like_loss, spelling
+from mtp_migrate.mtp_loop.losses import (
+    LOG_SOFTMAX,
+    LOGSUMEXP_GATHER,
+    Form,
+    LossSpelling,
+    looks_like_loss,
+    spelling,
+)
 from mtp_migrate.mtp_loop.symbolic import (
     CrossEntropy,
     Dim,
@@ -64,6 +71,29 @@ class LogSoftmax(NamedTuple):
     """``log_softmax`` of a view of the logits over its vocabulary axis, laid out as the view is."""
 
     logits: View
+
+
+class LogSumExp(NamedTuple):
+    """``logsumexp`` of a view of the logits over its vocabulary axis: one value per token."""
+
+    logits: View
+
+
+class Gathered(NamedTuple):
+    """``x.gather(-1, y.unsqueeze(-1))`` of log-probabilities (``log_probs``) or logits ``x`` at labels ``y``:
+    one value per token once ``squeezed`` back to ``y``'s shape, ``negated`` by a unary minus."""
+
+    logits: View
+    labels: View
+    log_probs: bool
+    squeezed: bool = False
+    negated: bool = False
+
+
+# A gather's index may be smaller than its input: on [B, S-k, V] rows the loop reads the logits where the labels
+# are (the call gets them cut so); on flattened rows, longer logits than labels would pair rows across the batch.
+_GATHERED = {Layout.LOGITS_GRID: Layout.GRID}
+_CALL_ROWS = {Layout.LOGITS_FLAT: Layout.FLAT, Layout.CLASS_FIRST: Layout.GRID}  # cross_entropy's input -> target
 
 
 def _is_full(element: cst.SubscriptElement) -> bool:
@@ -168,6 +198,10 @@ class ExpressionEvaluator:
             return self.binary(node)
         if isinstance(node, cst.Comparison):
             return self.comparison(node)
+        if isinstance(node, cst.UnaryOperation) and isinstance(node.operator, cst.Minus):
+            value = self.value(node.expression)
+            if isinstance(value, Gathered) and value.log_probs and not value.negated:
+                return self._written_out(value._replace(negated=True), node)
         raise Refusal(Code.STATEMENT, f"cannot follow `{code(node)}`")
 
     def _outer(self, node: cst.BaseExpression) -> Outer:
@@ -220,6 +254,8 @@ class ExpressionEvaluator:
         names = self.qualified(node.func)
         if names and names <= LOG_SOFTMAX and node.args and not node.args[0].keyword and not node.args[0].star:
             return self._over_vocabulary(self.value(node.args[0].value), node.args[1:], node)
+        if spelling(names, Form.WRITTEN_OUT) is LOGSUMEXP_GATHER and node.args and not node.args[0].keyword:
+            return self._logsumexp(self.value(node.args[0].value), node.args[1:], node)
         loss = spelling(names, Form.FUNCTION)
         if loss is not None:
             return self.loss_call(node, loss)
@@ -239,6 +275,10 @@ class ExpressionEvaluator:
         if not isinstance(node.func, cst.Attribute):
             raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
         method, receiver = node.func.attr.value, self.value(node.func.value)
+        if method == "gather" and isinstance(receiver, LogSoftmax | View):
+            return self._gather(receiver, node)
+        if isinstance(receiver, Gathered):
+            return self._squeezed(receiver, node)
         if isinstance(receiver, LogSoftmax):
             return self._log_probs_method(node, method, receiver)
         if isinstance(receiver, Outer):
@@ -280,8 +320,12 @@ class ExpressionEvaluator:
             return receiver
         if method in _RELAYOUT:
             return self._relayout(receiver, method, args, node)
+        if method == "masked_fill":
+            return self._masked_fill(receiver, args, node)
         if method == "log_softmax":
             return self._over_vocabulary(receiver, args, node)
+        if method == LOGSUMEXP_GATHER.suffix:
+            return self._logsumexp(receiver, args, node)
         raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
 
     def _op(self, node: cst.Call, method: str, args) -> Op | None:
@@ -296,6 +340,10 @@ class ExpressionEvaluator:
             return Op("bool", template, dtypes=cast)
         if method == "detach" and not args:
             return Op("detach", template)
+        if (method == "clamp_min" and len(args) == 1 and args[0].keyword is None) or (method == "clamp" and len(
+                args) == 1 and (args[0].keyword is None or args[0].keyword.value == "min")):
+            if _is_zero(args[0].value):  # `labels.clamp_min(0)`: ignored labels made safe to gather
+                return Op("value", template)
         if method in _COMPARE_METHODS and len(args) == 1 and args[0].keyword is None:
             self._outer(args[0].value)
             return _compare(_COMPARE_METHODS[method], code(args[0].value))
@@ -315,6 +363,23 @@ class ExpressionEvaluator:
             self._outer(args[0].value)
             return Op("value", template, dtypes=(DType.of_tensor(Outer(args[0].value, code(args[0].value)).atom),))
         return None
+
+    def _masked_fill(self, receiver, args: list[cst.Arg], node: cst.Call) -> View:
+        """``x.masked_fill(condition, fill)`` of a per-token view ``x``, with a boolean ``condition`` sliced as ``x``
+        is and a ``fill`` from outside the loop: an operation the call receives as written, on the whole tensors
+        (a filled label is then ignored by the utility exactly as by the loss, whatever the logits there)."""
+        if not isinstance(receiver, View) or receiver.layout not in (Layout.GRID, Layout.FLAT) or \
+                receiver.nonnegative or len(args) != 2 or any(a.keyword or a.star for a in args):
+            raise Refusal(Code.STATEMENT, f"cannot follow the call `{code(node)}`")
+        condition, fill = self.value(args[0].value), args[1].value
+        if not (isinstance(condition, View) and condition.boolean and condition.layout is receiver.layout and
+                (condition.start, condition.stop, condition.head) == (receiver.start, receiver.stop, receiver.head)
+                and not condition.ellipsis and condition.shape_checks == receiver.shape_checks):
+            raise Refusal(Code.LAYOUT, f"`{code(node)}`: the condition is not a boolean sliced as the tensor is")
+        if literal_int(fill) is None and not isinstance(fill, cst.Name | cst.Attribute):
+            raise Refusal(Code.STATEMENT, f"`{code(node)}`: the fill is not an integer literal or a name")
+        self._outer(fill)
+        return receiver.with_op(Op("fill", "", "masked_fill", code(fill), condition=condition))
 
     def _conversion(self, arg: cst.Arg) -> tuple[str, tuple[DType, ...] | None]:
         """What one argument of ``.to(...)`` does: ``precision``, ``bool``, ``device`` or ``value`` (unknown),
@@ -499,6 +564,60 @@ class ExpressionEvaluator:
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"log_softmax `{code(node)}` is not over the vocabulary")
         return LogSoftmax(receiver)
 
+    def _vocabulary_axis(self, receiver, rest: Sequence[cst.Arg], node: cst.Call, what: str) -> View:
+        """The view of the logits ``receiver`` whose vocabulary axis ``rest`` (one ``dim``) names, or a refusal."""
+        dims = [literal_int(a.value) for a in rest if a.keyword is None or a.keyword.value == "dim"]
+        if isinstance(receiver, View) and receiver.layout is Layout.HEAD_SLICE:
+            receiver = receiver.relayout(Layout.LOGITS_GRID)
+        if len(rest) != 1 or len(dims) != 1 or not isinstance(receiver, View):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"unsupported {what} `{code(node)}`")
+        if receiver.layout is Layout.LOGITS_FLAT:
+            raise Refusal(Code.LAYOUT, f"{what} `{code(node)}` on flattened rows: where the logits are longer than "
+                                       "the labels, the loop pairs rows across the batch (gather takes a smaller "
+                                       "index) and the call raises; gather on `[B, S-k, V]` to migrate")
+        if receiver.layout is not Layout.LOGITS_GRID or dims[0] not in (-1, 2):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"{what} `{code(node)}` is not over the vocabulary")
+        return receiver
+
+    def _logsumexp(self, receiver, rest: Sequence[cst.Arg], node: cst.Call) -> LogSumExp:
+        return LogSumExp(self._vocabulary_axis(receiver, rest, node, "logsumexp"))
+
+    def _gather(self, receiver: LogSoftmax | View, node: cst.Call) -> Gathered:
+        """``receiver.gather(-1, y.unsqueeze(-1))`` (or ``y[..., None]``) over the vocabulary, ``y`` per token."""
+        if len(node.args) != 2 or any(a.star or a.keyword is not None for a in node.args):
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"unsupported gather `{code(node)}`")
+        logits = receiver.logits if isinstance(receiver, LogSoftmax) else receiver
+        logits = self._vocabulary_axis(logits, node.args[:1], node, "gather")
+        index = node.args[1].value
+        if m.matches(index, m.Call(func=m.Attribute(attr=m.Name("unsqueeze")), args=[m.Arg(keyword=None)])):
+            labels, axis = self.value(index.func.value), literal_int(index.args[0].value)
+        elif m.matches(index, m.Subscript(slice=[m.SubscriptElement(m.Index(m.Ellipsis())),
+                                                 m.SubscriptElement(m.Index(m.Name("None")))])):
+            labels, axis = self.value(index.value), -1
+        else:
+            raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"gather `{code(node)}` at an index other than "
+                                                       "`labels.unsqueeze(-1)`")
+        if isinstance(labels, View) and labels.layout is Layout.HEAD_SLICE:
+            labels = labels.relayout(Layout.GRID)
+        if not isinstance(labels, View) or labels.layout is not Layout.GRID or axis not in (-1, 2):
+            raise Refusal(Code.LAYOUT, f"gather `{code(node)}`: its index is not one label per row of the logits")
+        return Gathered(logits, labels, isinstance(receiver, LogSoftmax))
+
+    def _squeezed(self, receiver: Gathered, node: cst.Call) -> Gathered:
+        """``gathered.squeeze(-1)``: one value per token, the labels' shape."""
+        axes = [literal_int(a.value) for a in node.args if a.keyword is None or a.keyword.value == "dim"]
+        if m.matches(node.func, m.Attribute(attr=m.Name("squeeze"))) and len(node.args) == 1 and \
+                not receiver.squeezed and axes and axes[0] in (-1, 2):
+            return self._written_out(receiver._replace(squeezed=True), node)
+        raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, f"`{code(node)}` on a gathered value")
+
+    def _written_out(self, gathered: Gathered, node: cst.CSTNode) -> Gathered | Tokens:
+        """The cross-entropy once a gather of log-probabilities is squeezed and negated (as nll_loss is): on the
+        labels the loop gathers at (``clamp_min(0)`` included), no one of which is ignore_index where it returns."""
+        if gathered.log_probs and gathered.squeezed and gathered.negated:
+            return self._per_token_loss(gathered.logits, gathered.labels, None, node, _GATHERED)
+        return gathered
+
     def _check_keywords(self, keywords: dict, allowed: set[str]) -> Literal["none", "sum"]:
         """The call's reduction, once its keywords are known to have an equivalent."""
         extra = sorted(set(keywords) - allowed)
@@ -509,13 +628,14 @@ class ExpressionEvaluator:
             raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none' or 'sum'")
         return reduction
 
-    def _per_token_loss(self, logits, labels, ignore, node) -> Tokens:
+    def _per_token_loss(self, logits, labels, ignore, node, rows=_CALL_ROWS) -> Tokens:
+        """The cross-entropy of each row of ``logits`` (laid out as a key of ``rows``) at its label."""
         if not (isinstance(logits, View) and isinstance(labels, View)):
             raise Refusal(Code.HEAD_INDEXING, f"`{code(node)}` is not on a slice of the logits and of the labels")
-        pairs = {(Layout.LOGITS_FLAT, Layout.FLAT): Layout.FLAT, (Layout.CLASS_FIRST, Layout.GRID): Layout.GRID}
         if logits.layout is Layout.HEAD_SLICE:
             logits = logits.relayout(Layout.LOGITS_GRID)
-        layout = pairs.get((logits.layout, labels.layout))
+        layout = rows.get(logits.layout)
+        layout = layout if layout is labels.layout else None
         if layout is None:
             raise Refusal(Code.LAYOUT, f"`{code(node)}`: the logits are {logits.layout.value} and the labels "
                                        f"{labels.layout.value}, not one row per token")
@@ -523,7 +643,7 @@ class ExpressionEvaluator:
             raise Refusal(Code.VALUE_CAST, f"`{code(node)}` changes the logits' values")
         if ignore is not None:
             self._outer(ignore)
-        found = CrossEntropy(logits, labels, ignore, "-100" if ignore is None else code(ignore))
+        found = CrossEntropy(logits, labels, ignore, "-100" if ignore is None else code(ignore), rows is _GATHERED)
         if self.cross_entropy not in (None, found):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "two different cross-entropies in one loop")
         self.cross_entropy = found
@@ -627,6 +747,9 @@ class ExpressionEvaluator:
                                            f"{b.layout.value} one")
             return Tokens(tuple(sorted((*a.factors, *b.factors), key=repr)), a.layout,
                           (*a.shape_checks, *b.shape_checks))
+        if isinstance(node.operator, cst.Subtract) and isinstance(left, LogSumExp) and isinstance(right, Gathered) \
+                and not right.log_probs and right.squeezed and right.logits == left.logits:
+            return self._per_token_loss(left.logits, right.labels, None, node, _GATHERED)
         if isinstance(node.operator, cst.Divide) and isinstance(left, Total):
             if isinstance(right, Total):
                 return Ratio(left, right)

@@ -16,7 +16,7 @@ from mtp_migrate.flow.names import binds
 from mtp_migrate.mtp_loop.classify import classify
 from mtp_migrate.mtp_loop.evaluate import LoopEvaluator, evaluate
 from mtp_migrate.mtp_loop.facts import Facts
-from mtp_migrate.mtp_loop.losses import REGISTERED_NAMES, Form, suffixes
+from mtp_migrate.mtp_loop.losses import REGISTERED_NAMES, Form, suffixes, written_out
 from mtp_migrate.mtp_loop.site import Site
 from mtp_migrate.mtp_loop.spec import Average, Divisor
 from mtp_migrate.mtp_loop.symbolic import Ratio, View
@@ -46,7 +46,19 @@ class _HeadLoops(cst.CSTVisitor):
     def visit_Call(self, node):
         loss = (dotted(node.func) or "").endswith(suffixes(Form.FUNCTION)) or m.matches(
             node.func, m.Name(m.MatchIfTrue(lambda name: name in self.modules)))
-        if loss and self.loops and self.loops[-1] is not None:
+        if loss:
+            self._found()
+
+    def visit_UnaryOperation(self, node):
+        if written_out(node, None):
+            self._found()
+
+    def visit_BinaryOperation(self, node):
+        if written_out(node, dotted(node.left.func) if isinstance(node.left, cst.Call) else None):
+            self._found()
+
+    def _found(self):
+        if self.loops and self.loops[-1] is not None:
             self.found[id(self.loops[-1])] = self.loops[-1]
 
 

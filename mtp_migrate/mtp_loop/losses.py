@@ -13,10 +13,14 @@ from enum import Enum
 from functools import cache
 from typing import Literal
 
+import libcst as cst
+import libcst.matchers as m
+
 
 class Form(Enum):
     FUNCTION = "function"  # called in the loop with its options: F.cross_entropy(x, y, reduction="none")
     MODULE = "module"  # built before the loop with its options, called in it: criterion(x, y)
+    WRITTEN_OUT = "written out"  # its formula in the loop: -log_softmax(x).gather(-1, y[..., None]).squeeze(-1)
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,15 @@ CROSS_ENTROPY_LOSS = LossSpelling(frozenset({"torch.nn.CrossEntropyLoss", "torch
                                   b"CrossEntropyLoss", _CROSS_ENTROPY_OPTIONS, "logits", Form.MODULE)
 NLL_LOSS_MODULE = LossSpelling(frozenset({"torch.nn.NLLLoss", "torch.nn.modules.loss.NLLLoss"}), b"NLLLoss",
                                NLL_LOSS.options, "log_probs", Form.MODULE)
-LOSSES: tuple[LossSpelling, ...] = (CROSS_ENTROPY, NLL_LOSS, CROSS_ENTROPY_LOSS, NLL_LOSS_MODULE)
-
 # The input of a ``log_probs`` loss.
 LOG_SOFTMAX = frozenset({"torch.nn.functional.log_softmax", "torch.log_softmax"})
+# -log_softmax(x, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1): the target's negated log-probability.
+LOG_SOFTMAX_GATHER = LossSpelling(LOG_SOFTMAX, b"log_softmax", frozenset(), "log_probs", Form.WRITTEN_OUT)
+# logsumexp(x, -1) - x.gather(-1, y.unsqueeze(-1)).squeeze(-1): the same value, rounded otherwise.
+LOGSUMEXP_GATHER = LossSpelling(frozenset({"torch.logsumexp"}), b"logsumexp", frozenset(), "logits",
+                                Form.WRITTEN_OUT)
+LOSSES: tuple[LossSpelling, ...] = (CROSS_ENTROPY, NLL_LOSS, CROSS_ENTROPY_LOSS, NLL_LOSS_MODULE,
+                                    LOG_SOFTMAX_GATHER, LOGSUMEXP_GATHER)
 
 # Every name above: what a star import may be taken to bind (``find.Analysis``).
 REGISTERED_NAMES = frozenset().union(LOG_SOFTMAX, *(loss.qualified for loss in LOSSES))
@@ -82,3 +91,12 @@ def looks_like_loss(names: set[str], written: str) -> bool:
     """A callee named like a registered function loss without being one (a project's own)."""
     named = suffixes(Form.FUNCTION)
     return any(name.endswith(named) for name in names) or written.rsplit(".", 1)[-1] in named
+
+
+def written_out(node: cst.CSTNode, dotted: str | None) -> bool:
+    """A ``WRITTEN_OUT`` spelling as the finder spots it before names are resolved: ``-(... .gather(...) ...)``,
+    or ``... logsumexp(...) - ...`` (``dotted`` is the name of the left side's callee, if it is a call)."""
+    if m.matches(node, m.UnaryOperation(operator=m.Minus())):
+        return bool(m.findall(node.expression, m.Attribute(attr=m.Name("gather"))))
+    return m.matches(node, m.BinaryOperation(operator=m.Subtract())) and (dotted or "").endswith(
+        LOGSUMEXP_GATHER.suffix)

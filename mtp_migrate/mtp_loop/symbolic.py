@@ -88,17 +88,18 @@ class Layout(Enum):
     CLASS_FIRST = "[B, V, S-k]"
 
 
-OpKind = Literal["precision", "value", "compare", "bool", "detach"]
+OpKind = Literal["precision", "value", "compare", "bool", "detach", "fill"]
 
 
 @dataclass(frozen=True)
 class Op:
-    """An elementwise operation on a per-token tensor: a cast, a comparison, ``detach``.
+    """An elementwise operation on a per-token tensor: a cast, a comparison, ``detach``, a fill.
 
     ``kind`` is ``"precision"`` (float to float: leaves values), ``"value"`` (a cast that
     can change values, e.g. ``.long()``), ``"compare"`` (yields booleans), ``"bool"``
-    (a cast to bool) or ``"detach"``. ``template`` rebuilds it on another expression:
-    ``template.format(x)``.
+    (a cast to bool), ``"detach"`` or ``"fill"`` (``.masked_fill(condition, operand)``, with
+    ``condition`` a view aligned with the tensor's: the classifier writes it whole).
+    ``template`` rebuilds the others on another expression: ``template.format(x)``.
     """
 
     kind: OpKind
@@ -106,6 +107,7 @@ class Op:
     operator: str = ""  # for comparisons: "!=", "==", ...
     operand: str = ""  # for comparisons: the other side, as written
     dtypes: tuple[DType, ...] | None = None  # it gives their promotion; None: its operand's dtype
+    condition: View | None = None  # for a fill: where it fills
 
     @property
     def boolean(self) -> bool:
@@ -178,6 +180,7 @@ class CrossEntropy:
     labels: View
     ignore_index: cst.BaseExpression | None = field(compare=False)  # None: -100
     ignore_text: str = "-100"
+    gathered: bool = False  # written out with gather, which reads the logits only where the labels are
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ symbolic in the shapes (``H-1``, ``S``, ``V``...) so that a head count below, at
 the logits' heads follows the shape; tensors take any value kind whatever their name
 says: token ids with ignored positions, 0/1 masks as long, bool or float, soft and
 segment-id masks, a mask that requires grad, weights that are negative, above 1 or
-integer. Names only order the candidates (the likeliest first), never restrict them.
+integer, and the logits with NaN and infinities in the rows whose targets are masked or
+padding. Names only order the candidates (the likeliest first), never restrict them.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def variations(base: Case, slots, seed: int) -> list[Case]:
         cases.append(replace(base, shape={**base.shape, **change}))
     for dtype in LOW_PRECISION:
         cases.append(replace(base, dtype=dtype))
+    logits = {slot.param: "logits_nonfinite" for slot in slots if base.choices[slot.param] == "logits"}
+    if logits:  # padded rows with NaN / inf logits: a loss that ignores their targets is 0 there, exactly
+        cases.append(replace(base, choices={**base.choices, **logits}))
     for slot in slots:
         if slot.kind == "tensor" and slot.rank != 0:
             for delta in (-1, 1):

@@ -27,6 +27,7 @@ LOW_PRECISION_SLACK = 1e-6
 BASE_SHAPE = {"B": 2, "S": 7, "H": 3, "V": 11}  # B differs from H; S leaves every head some positions
 UNBOUND = object()
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOGITS_KINDS = ("logits", "logits_nonfinite")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def make_inputs(case: Case, inputs) -> dict:
             arguments[slot.param] = choice
         else:
             kind, _, rank = choice.partition("@")
-            rank = (int(rank) if rank.isdigit() else rank) if rank else 4 if kind == "logits" else slot.rank
+            rank = (int(rank) if rank.isdigit() else rank) if rank else 4 if kind in LOGITS_KINDS else slot.rank
             tensor = _tensor(kind, rank, case, gen, case.lengths.get(slot.param, 0),
                              case.dtypes.get(slot.param, case.dtype))
             if slot.param in case.singleton:
@@ -109,8 +110,11 @@ def _tensor(kind: str, rank: int | str | None, case: Case, gen, delta: int, dtyp
     b, s, h, v = case.shape["B"], case.shape["S"] + delta, case.shape["H"], case.shape["V"]
     dims = {0: (), 1: (b,), 2: (b, s), 3: (b, s, h), 4: (b, s, h, v), "heads": (h + 1,)}.get(rank or 2,
                                                                                          (b, s, h, v, 2))
-    if kind == "logits":
-        return (3 * torch.randn(dims, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    if kind in LOGITS_KINDS:
+        logits = 3 * torch.randn(dims, generator=gen, dtype=torch.float64)
+        if kind == "logits_nonfinite" and len(dims) == 4:
+            _non_finite_rows(logits)
+        return logits.to(dtype).requires_grad_(True)
     if kind == "scalar":
         return torch.tensor(1.5, dtype=dtype)
     if kind == "tokens":
@@ -138,6 +142,19 @@ def _tensor(kind: str, rank: int | str | None, case: Case, gen, delta: int, dtyp
         "weights_integer": lambda: torch.randint(0, 4, dims, generator=gen),
     }
     return made[kind]()
+
+
+def _non_finite_rows(logits: torch.Tensor) -> None:
+    """NaN logits in every head's row whose target the masks below zero (``[0, 4]``: a masked token whose
+    label is not ignored), and an infinite logit in the rows whose target is padding (``[-1, -2:]``): what
+    padded rows really hold, and what a loop that ignores those targets keeps out of its loss exactly."""
+    _, s, h, _ = logits.shape
+    for k in range(1, h + 1):  # head k reads position t for the target t + k
+        if 4 - k >= 0 and s > 4:
+            logits[0, 4 - k, k - 1] = math.nan
+        for target in (s - 2, s - 1):
+            if target - k >= 0:
+                logits[-1, target - k, k - 1, 0] = math.inf
 
 
 class _Box:

@@ -12,15 +12,33 @@ forward pass computes ``(softmax - onehot) * coef`` from the chunk it already ho
 output whose per-token coefficients ``coef`` are known then, and backward only scales them:
 
 - without ``weights``, all three outputs: the weighted and the unweighted loss then share their
-  coefficients (mask over count) up to one factor, the per-head losses up to a factor per head,
-  and each head's rows of ``hidden`` are its own. The unembedding's and the bias's gradients sum
-  over heads, though, so a gradient that reaches ``per_head_ce_loss`` recomputes those two in
-  backward (one more pass of logits and one matmul per chunk): keeping one per head would cost n
-  unembedding-sized fp32 buffers, more than the loss's whole memory otherwise.
+  coefficients (mask over count) up to one factor, the per-head losses up to a factor ``f_k`` per
+  head, and each head's rows of ``hidden`` are its own: they are scaled by ``f_k``. The
+  unembedding's and the bias's gradients sum over heads, though: forward keeps their sum ``S``,
+  and backward makes it ``base * S + sum_k (f_k - base) * A_k``, where ``base`` is the most
+  common factor and head ``k``'s part ``A_k`` is recomputed (its logits and one matmul per chunk)
+  only for the heads whose factor is not ``base``. A uniform weighting (``per_head.sum()``,
+  DeepSeek-V3's ``lambda / n * sum_k L_k``) re-walks nothing, ``[1, l, l, l]`` one head, and n
+  distinct factors n - 1 heads. For bf16 latents, rescaling their bf16 gradient would round it
+  twice, so a head whose factor is not a power of two (or 0) has its rows recomputed too, with the
+  same chunk's logits (a uniform factor of 1, 2, 4, ... costs nothing).
 - with ``weights``, the weighted loss (the one pipelines train). A gradient that reaches the
   unweighted or the per-head losses of such a call recomputes every chunk in backward: their
   coefficients differ token by token, and precomputing both would cost every call one more
   unembedding-sized buffer and one more matmul per chunk (3 passes of matmuls would become 4).
+
+Distinct per-head factors have a floor. Forward cannot know ``f``, and ``f -> sum_k f_k A_k`` has
+rank n, so backward needs all n parts ``A_k``. Each part is either kept (``V * D`` fp32 numbers:
+``D / (n * B * S)`` of L in fp32, twice that in bf16) or recomputed. Recomputing a part costs its
+head's logits matmul plus the ``A_k`` matmul, 2 of the 3 matmul passes that head costs in
+forward; keeping the softmax instead would cost L / n. Keeping ``m`` parts apart re-walks at
+least ``n - m`` heads: time about ``T_forward * (1 + 2 (n - m) / (3 n))``, memory
+``(m - 1) * V * D * 4`` more bytes. At B=4 S=1024 n=4 V=4096 D=512 in fp32, one part is 0.031 L.
+The loss peaks at 0.19 L and half of native's peak is 0.26 L, so at most two more parts fit
+(m = 3). That still re-walks one head, about 1.17x the forward, and the forward alone takes
+about as long as native's three matmuls. So ``<= 1.0x`` native time at ``<= 0.5x`` its memory
+is out of reach there for distinct factors. This module keeps one sum (m = 1): memory stays the
+same for every output, and distinct factors cost n - 1 heads' re-walk (benchmarks/results/).
 
 A second backward under ``retain_graph`` recomputes too. Measured against torch's own per head
 (``benchmarks/bench_loss.py``, README): memory and time in the README's table.
@@ -29,6 +47,8 @@ Torch only, like ``loss_utils.py``, whose validation and helpers it reuses.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -198,8 +218,9 @@ class _HiddenCrossEntropy(torch.autograd.Function):
 
     Given ``coefficients``, forward computes their gradients and backward scales them: per head for
     ``hidden`` (each head's rows are its own), by ``g`` for ``weight`` and ``bias``, which sum over heads,
-    so a gradient for ``head_carriers`` recomputes those two. A gradient that reaches the per-token
-    losses, or a second backward, recomputes all three.
+    so a gradient for ``head_carriers`` that differs between heads re-walks some heads
+    (``_per_head_backward``). A gradient that reaches the per-token losses, or a second backward,
+    recomputes all three.
     """
 
     @staticmethod
@@ -237,31 +258,58 @@ class _HiddenCrossEntropy(torch.autograd.Function):
         if grad_ce is None and factor is None:  # no gradient reached any output
             return (None,) * 7
         if grads is not None and grad_ce is None:  # only carriers: scale what forward computed
-            grad_hidden = grads[0]
             if grad_heads is None:
                 for grad in grads:
                     if grad is not None:
                         grad.mul_(grad_carrier)
                 return _returned(grads, weight, bias)
-            # A factor per head: the sums over heads (the unembedding's, the bias's) are recomputed, and
-            # so is a bf16 `hidden`, which a rescaling would round twice.
-            grads = None
-            if grad_hidden is not None and hidden.dtype == _compute_dtype(hidden):
-                heads = min(targets.shape[0], hidden.shape[2])  # heads past the latents' have no position
-                grad_hidden[:, :, :heads].mul_(factor[:heads, None])
-                needs = (False, *needs[1:])
-            else:
-                grad_hidden = None
-            pending = coefficients * factor[:, None, None]
-        else:  # one pass for every output (adding to a precomputed bf16 gradient would round twice)
-            grad_hidden = grads = None  # freed before the new buffers exist
-            pending = grad_ce * label_ok if grad_ce is not None else label_ok.new_zeros(
-                label_ok.shape, dtype=_compute_dtype(hidden))
-            if factor is not None:
-                pending += coefficients * factor[:, None, None]
+            # A factor per head: only the heads whose factor differs are walked again (_per_head_backward).
+            return _returned(_per_head_backward(hidden, weight, bias, targets, ctx.positions, grads, coefficients,
+                                                factor), weight, bias)
+        # One pass for every output (adding to a precomputed bf16 gradient would round twice).
+        grads = None  # freed before the new buffers exist
+        pending = grad_ce * label_ok if grad_ce is not None else label_ok.new_zeros(
+            label_ok.shape, dtype=_compute_dtype(hidden))
+        if factor is not None:
+            pending += coefficients * factor[:, None, None]
         grads = _zero_grads(hidden, weight, bias, needs)
         _chunk_pass(hidden, weight, bias, targets, ctx.positions, grads, pending)
-        return _returned((grad_hidden if grads[0] is None else grads[0], *grads[1:]), weight, bias)
+        return _returned(grads, weight, bias)
+
+
+def _per_head_backward(hidden, weight, bias, targets, positions, grads, coefficients, factor):
+    """The precomputed gradients for head ``k``'s coefficients times ``factor[k]``, re-walking only the heads
+    whose factor differs: the unembedding's and the bias's sums over heads ``S`` become ``base * S`` plus
+    ``(factor[k] - base) * A_k`` for each head ``k`` whose factor is not ``base`` (the most common factor),
+    ``A_k`` recomputed; ``hidden``'s rows are scaled per head, except a bf16 head whose factor is not a power
+    of two (a second rounding): its rows are recomputed, with the same chunk's logits."""
+    grad_hidden, grad_weight, grad_bias = grads
+    live = max(0, min(targets.shape[0], hidden.shape[2], hidden.shape[1] - 1))  # heads with positions
+    factors = factor.tolist()
+    base = max(factors[:live], key=factors[:live].count) if live else 0.0  # the first of the most common
+    plan = {}  # head -> (coefficients for hidden's rows, for the unembedding and bias), None where not walked
+    hidden_pending = coefficients * factor[:, None, None]
+    weight_pending = hidden_pending if base == 0 else coefficients * (factor - base)[:, None, None]
+    exact_scaling = grad_hidden is not None and hidden.dtype == _compute_dtype(hidden)
+    for k in range(1, live + 1):
+        value = factors[k - 1]
+        rows = None
+        if grad_hidden is not None:
+            mantissa = math.frexp(value)[0]
+            if exact_scaling or mantissa in (0.0, 0.5, -0.5):  # fp32/fp64, or a power of two: scaled exactly
+                if value != 1:
+                    grad_hidden[:, :, k - 1].mul_(value)
+            else:
+                rows = hidden_pending
+        sums = weight_pending if value != base and (grad_weight is not None or grad_bias is not None) else None
+        if rows is not None or sums is not None:
+            plan[k] = (rows, sums)
+    for grad in (grad_weight, grad_bias):
+        if grad is not None and base != 1:
+            grad.mul_(base)
+    if plan:
+        _chunk_pass(hidden, weight, bias, targets, positions, grads, None, heads=plan)
+    return grads
 
 
 def _returned(grads, weight, bias):
@@ -275,13 +323,18 @@ def _compute_dtype(hidden):
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, ce=None):
+def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, ce=None, heads=None):
     """Walk every head's chunks: fill ``ce`` when given (forward) and, with ``grads``, add each chunk's
     ``(softmax - onehot) * coefficients`` to them. Both passes compute the softmax with the same ops, so
-    a gradient recomputed in backward equals the one computed in forward bit for bit."""
+    a gradient recomputed in backward equals the one computed in forward bit for bit.
+
+    ``heads``: walk only these heads, ``{k: (coefficients for hidden's rows, coefficients for the
+    unembedding's and the bias's sums)}``, either ``None`` (that gradient left as it is for head ``k``)."""
     batch = hidden.shape[0]
     compute_dtype = _compute_dtype(hidden)
     for k, t0, t1 in _chunks(hidden, targets.shape[0], positions):
+        if heads is not None and k not in heads:
+            continue
         rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
         target = targets[k - 1, :, t0:t1].reshape(-1, 1)
         if ce is not None:
@@ -291,9 +344,20 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
         exp_sum = exps.sub_(peak).exp_().sum(dim=-1, keepdim=True)
         if ce is not None:
             ce[k - 1, :, t0:t1] = (exp_sum.log().add_(peak).squeeze(-1) - target_logit).view(batch, t1 - t0)
-        if grads is not None:
-            coef = coefficients[k - 1, :, t0:t1].reshape(-1, 1)
-            _accumulate(grads, weight, rows, exps, logits, target, coef, coef / exp_sum, k, t0, t1)
+        if grads is None:
+            continue
+        if heads is None:
+            parts = [(grads, coefficients)]
+        else:
+            rows_coefficients, sums_coefficients = heads[k]
+            if rows_coefficients is sums_coefficients:
+                parts = [(grads, rows_coefficients)]
+            else:
+                parts = [((grads[0], None, None), rows_coefficients), ((None, *grads[1:]), sums_coefficients)]
+        for part, part_coefficients in parts:
+            if part_coefficients is not None:
+                coef = part_coefficients[k - 1, :, t0:t1].reshape(-1, 1)
+                _accumulate(part, weight, rows, exps, logits, target, coef, coef / exp_sum, k, t0, t1)
 
 
 def _chunk_logits(hidden, weight, bias, k, t0, t1):
