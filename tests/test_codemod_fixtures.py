@@ -46,6 +46,8 @@ def test_output_parses_and_second_run_changes_nothing(case):
 
 # Every skip fixture's refusal, pinned: its stable code and the reason a user reads.
 SKIPS = {
+    "skip_compare_after_half_cast": ("MTP117", "`(labels[:, k:].half() != PAD_ID)` compares values a cast rounded "
+                                               "first: the call would compare them unrounded"),
     "skip_intermediate_appended": ("MTP110", "per-head value `ce` is used elsewhere: `per_head.append(ce.detach())`"),
     "skip_label_smoothing": ("MTP104", "cross_entropy keyword `label_smoothing` has no equivalent in the utility"),
     "skip_token_mean": ("MTP108", "`total_ce` accumulates `(ce * mask).sum()`, not a per-head ratio of sums "

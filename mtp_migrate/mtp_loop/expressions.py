@@ -20,7 +20,7 @@ import libcst.matchers as m
 from mtp_migrate.cst_utils import code, literal_int, literal_number, string_value
 from mtp_migrate.flow.dataflow import reaching_definition
 from mtp_migrate.flow.names import changed_in_place
-from mtp_migrate.mtp_loop.dtypes import BOOL, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
+from mtp_migrate.mtp_loop.dtypes import BOOL, FLOAT64, METHOD_DTYPES, OF_CROSS_ENTROPY, DType
 from mtp_migrate.mtp_loop.facts import Facts
 from mtp_migrate.mtp_loop.losses import (
     LOG_SOFTMAX,
@@ -65,6 +65,22 @@ _RELAYOUT = ("reshape", "view", "flatten", "view_as", "reshape_as", "transpose",
 
 def _compare(operator: str, operand: str) -> Op:
     return Op("compare", "({} " + operator + " " + operand + ")", operator, operand, (DType.of(BOOL),))
+
+
+def _decided(view: View, op: Op, node: cst.CSTNode) -> View:
+    """``view`` with ``op``, unless ``op`` decides (a comparison, a cast to bool) on values a cast below fp64
+    rounded first: the call receives the tensor without its precision casts, and rounding before a threshold
+    is not an error of precision but another decision (fp16 token ids above 2048 collide, a soft mask near
+    the threshold crosses it)."""
+    rounded = zero_one = False  # 0/1 values (a comparison's) stay exact through any cast
+    for prior in view.ops:
+        zero_one = prior.boolean or (zero_one and prior.kind in ("precision", "value"))
+        rounded = rounded or (prior.kind == "precision" and not zero_one and prior.dtypes is not None
+                              and prior.dtypes != (DType.of(FLOAT64),))
+    if op.kind in ("compare", "bool") and rounded:
+        raise Refusal(Code.VALUE_CAST, f"`{code(node)}` compares values a cast rounded first: the call would "
+                                       "compare them unrounded")
+    return view.with_op(op)
 
 
 class LogSoftmax(NamedTuple):
@@ -406,7 +422,7 @@ class ExpressionEvaluator:
 
     def _apply(self, receiver, op: Op, node):
         if isinstance(receiver, View):
-            return receiver.with_op(op)
+            return _decided(receiver, op, node)
         if isinstance(receiver, Tokens):
             if op.kind == "precision":
                 return receiver
@@ -770,7 +786,7 @@ class ExpressionEvaluator:
         value = self.value(tensor)
         op = _compare(operator, code(other))
         if isinstance(value, View):
-            return value.with_op(op)
+            return _decided(value, op, node)
         raise Refusal(Code.STATEMENT, f"unsupported comparison `{code(node)}`")
 
     # -- statements
