@@ -173,9 +173,30 @@ def test_per_head_backward_walks_only_the_heads_it_must(monkeypatch, dtype, fact
             torch.testing.assert_close(x.grad, want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize(("dtype", "scale", "walked"), [
+    (torch.float64, 0.3, set()), (torch.bfloat16, 0.5, set()), (torch.bfloat16, 0.3, {1, 2, 3}),
+])
+def test_a_scaled_weighted_loss_walks_again_only_bf16_rows_a_rescaling_would_round_twice(monkeypatch, dtype, scale,
+                                                                                         walked):
+    """``scale * weighted_ce_loss``: the precomputed gradients are rescaled, except bf16 latents' rows when
+    ``scale`` is not a power of two: they are recomputed, rounded once (the unembedding's sum is fp32)."""
+    walks = []
+    chunk_pass = fused_loss._chunk_pass
+    monkeypatch.setattr(fused_loss, "_chunk_pass", lambda *args, **kwargs: walks.append(kwargs.get("heads"))
+                        or chunk_pass(*args, **kwargs))
+    _, labels, attention_mask, weights = make_batch(2, 9, 3, 11, seed=5)
+    inputs = [x.to(dtype).requires_grad_(True) for x in unembedding(2, 9, 3, 11, 4, seed=5)]
+    (scale * fused(*inputs, labels, attention_mask, weights.to(dtype), chunk_size=4)["weighted_ce_loss"]).backward()
+    assert walks[0] is None and len(walks) == 1 + bool(walked)
+    if walked:
+        assert set(walks[1]) == walked
+        assert all(sums is None for _, sums in walks[1].values())  # the unembedding's sum is only rescaled
+
+
 @pytest.mark.parametrize(("objective", "with_weights"), [
     ("weighted", True), ("mix", True),  # precomputed; recomputed (unweighted and per-head with weights)
     ("unweighted", False), ("per_head", False), ("mix", False),  # precomputed, scaled; per head: recomputed
+    ("weighted_times_0.3", True), ("weighted_times_0.3", False), ("unweighted_times_0.3", False),
     ("per_head_uniform", False), ("per_head_first", False), ("per_head_zeros_and_powers", False),
 ])
 def test_bf16_error_no_worse_than_logits_path(objective, with_weights):
@@ -186,6 +207,10 @@ def test_bf16_error_no_worse_than_logits_path(objective, with_weights):
     part exact) is about 10%; the logits path's own structure, the former fused loss's, ties it.
     """
     objectives = {**OBJECTIVES, "per_head": _per_head_sum,
+                  # a loss scaled by a factor that is not a power of two (a lambda, 1 / accumulation steps):
+                  # bf16 rows rescaled after their rounding would be rounded twice
+                  **{f"{name}_times_0.3": lambda out, name=name: 0.3 * out[f"{name}_ce_loss"]
+                     for name in ("weighted", "unweighted")},
                   **{f"per_head_{name}": _head_objective(name) for name in HEAD_FACTORS}}
     squared = {}
     for seed in range(11, 15):

@@ -22,7 +22,9 @@ output whose per-token coefficients ``coef`` are known then, and backward only s
   distinct factors n - 1 heads. For bf16 latents, rescaling their bf16 gradient would round it
   twice, so a head whose factor is not a power of two (or 0) has its rows recomputed too, with the
   same chunk's logits (a uniform factor of 1, 2, 4, ... costs nothing).
-- with ``weights``, the weighted loss (the one pipelines train). A gradient that reaches the
+- with ``weights``, the weighted loss (the one pipelines train), scaled in backward by one factor for
+  every head: bf16 latents' rows are recomputed, as above, when it is not a power of two (a loss times
+  0.3 had a larger error than the logits path's when rescaled). A gradient that reaches the
   unweighted or the per-head losses of such a call recomputes every chunk in backward: their
   coefficients differ token by token, and precomputing both would cost every call one more
   unembedding-sized buffer and one more matmul per chunk (3 passes of matmuls would become 4).
@@ -216,10 +218,10 @@ class _HiddenCrossEntropy(torch.autograd.Function):
     and two zeros that carry precomputed gradients: gradients ``g`` for ``carrier`` and ``h`` for
     ``head_carriers`` mean ``(g + h[k]) * coefficients[k]`` for head ``k``'s per-token losses.
 
-    Given ``coefficients``, forward computes their gradients and backward scales them: per head for
-    ``hidden`` (each head's rows are its own), by ``g`` for ``weight`` and ``bias``, which sum over heads,
-    so a gradient for ``head_carriers`` that differs between heads re-walks some heads
-    (``_per_head_backward``). A gradient that reaches the per-token losses, or a second backward,
+    Given ``coefficients``, forward computes their gradients and backward scales them
+    (``_per_head_backward``): per head for ``hidden`` (each head's rows are its own), by one factor for
+    ``weight`` and ``bias``, which sum over heads, so a gradient for ``head_carriers`` that differs between
+    heads re-walks some heads. A gradient that reaches the per-token losses, or a second backward,
     recomputes all three.
     """
 
@@ -257,13 +259,7 @@ class _HiddenCrossEntropy(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if grad_ce is None and factor is None:  # no gradient reached any output
             return (None,) * 7
-        if grads is not None and grad_ce is None:  # only carriers: scale what forward computed
-            if grad_heads is None:
-                for grad in grads:
-                    if grad is not None:
-                        grad.mul_(grad_carrier)
-                return _returned(grads, weight, bias)
-            # A factor per head: only the heads whose factor differs are walked again (_per_head_backward).
+        if grads is not None and grad_ce is None:  # only carriers: scale what forward computed, per head
             return _returned(_per_head_backward(hidden, weight, bias, targets, ctx.positions, grads, coefficients,
                                                 factor), weight, bias)
         # One pass for every output (adding to a precomputed bf16 gradient would round twice).
