@@ -1,7 +1,9 @@
 """Peak memory and time of the MTP loss: the inline loop, compute_mtp_ce_loss, the fused loss and torch's own.
 
-Every variant runs in its own process so that one variant's allocator state cannot
-colour another's numbers; all of them run in this one invocation, side by side.
+Peak memory is measured with every variant in its own process, so that one variant's allocator
+state cannot colour another's; times come from one process per case that runs the variants in
+turn, round after round, so that a shared machine whose speed drifts over minutes slows them
+alike. All of them run in this one invocation, side by side.
 
     python benchmarks/bench_loss.py                 # B=4 S=1024 n=4 V=4096 D=512, tables + PNG
     python benchmarks/bench_loss.py --shape 2 512 4 32000 --width 1024   # V/D = 32
@@ -161,8 +163,9 @@ class _Meter:
         return self._rss("VmHWM:") - self.baseline
 
 
-def run_worker(variant, mode, dtype_name, output, shape, width, reps, device_name, threads):
-    """One variant in this process: a warm-up, then `reps` measured runs. Prints JSON."""
+def run_worker(variants, mode, dtype_name, output, shape, width, reps, device_name, threads):
+    """The variants in this process, interleaved: a warm-up of each, then `reps` rounds that run each once,
+    so a machine whose speed drifts (a shared VM) slows every variant alike. Prints JSON per variant."""
     import gc
 
     import torch
@@ -196,7 +199,7 @@ def run_worker(variant, mode, dtype_name, output, shape, width, reps, device_nam
             return (coefficients * out["per_head_ce_loss"]).sum()
         return out[f"{output}_ce_loss"]
 
-    def once(inputs):
+    def once(variant, inputs):
         with torch.set_grad_enabled(training):
             if variant == "fused":
                 loss = pick(compute_mtp_ce_loss_from_hidden(*inputs, labels, attention_mask, given))
@@ -220,48 +223,58 @@ def run_worker(variant, mode, dtype_name, output, shape, width, reps, device_nam
         return float(loss.detach())
 
     meter = _Meter(device)
-    peaks, seconds, cpu_seconds, value = [], [], [], None
+    runs = {variant: {"peaks": [], "seconds": [], "cpu_seconds": []} for variant in variants}
+    values = {}
     for rep in range(reps + 1):
-        if width:  # fresh leaves on the same storage: each run's gradients are its own
-            inputs = [template.detach().requires_grad_(training), unembedding.detach().requires_grad_(training)]
-        else:  # overwrite_logits destroys its input
-            inputs = [template.clone().requires_grad_(training)]
-        gc.collect()
-        meter.start()
-        began, cpu_began = time.perf_counter(), time.process_time()
-        value = once(inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed, cpu_elapsed = time.perf_counter() - began, time.process_time() - cpu_began
-        peak = meter.peak()
-        del inputs
-        if rep:  # the first run warms up allocators and thread pools
-            peaks.append(peak)
-            seconds.append(elapsed)
-            cpu_seconds.append(cpu_elapsed)
+        for variant in variants:
+            if width:  # fresh leaves on the same storage: each run's gradients are its own
+                inputs = [template.detach().requires_grad_(training), unembedding.detach().requires_grad_(training)]
+            else:  # overwrite_logits destroys its input
+                inputs = [template.clone().requires_grad_(training)]
+            gc.collect()
+            meter.start()
+            began, cpu_began = time.perf_counter(), time.process_time()
+            values[variant] = once(variant, inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed, cpu_elapsed = time.perf_counter() - began, time.process_time() - cpu_began
+            peak = meter.peak()
+            del inputs
+            if rep:  # the first round warms up allocators and thread pools
+                for key, value in (("peaks", peak), ("seconds", elapsed), ("cpu_seconds", cpu_elapsed)):
+                    runs[variant][key].append(value)
     logits_bytes = batch * seq * heads * vocab * template.element_size()
-    print(json.dumps({"peak_L": statistics.median(peaks) / logits_bytes, "seconds": statistics.median(seconds),
-                      "cpu_seconds": statistics.median(cpu_seconds),
-                      "loss": value, "logits_bytes": logits_bytes, "peak_bytes": statistics.median(peaks)}))
+    print(json.dumps({variant: {"peak_L": statistics.median(run["peaks"]) / logits_bytes,
+                                "seconds": statistics.median(run["seconds"]),
+                                "cpu_seconds": statistics.median(run["cpu_seconds"]), "loss": values[variant],
+                                "logits_bytes": logits_bytes, "peak_bytes": statistics.median(run["peaks"])}
+                      for variant, run in runs.items()}))
 
 
-def measure(variant, mode, dtype_name, output, shape, width, reps, device, threads, timed=True):
-    """Peak memory from one process, time from another: the mmap threshold that makes freed buffers
-    leave (so peak RSS is honest) also makes every chunk's allocation fault its pages in again,
-    which in this VM took 2 to 6 times the compute. Peak memory repeats to the page: one run."""
+def _worker(variants, mode, dtype_name, output, shape, width, reps, device, threads, env):
     root = str(Path(__file__).resolve().parents[1])
-    passes = [(dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=root), 1)]
+    command = [sys.executable, __file__, "--worker", ",".join(variants), mode, dtype_name, output,
+               "--shape", *map(str, shape), "--width", str(width), "--reps", str(reps), "--device", device,
+               "--threads", str(threads)]
+    done = subprocess.run(command, env=dict(os.environ, **env, PYTHONPATH=root), capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        raise SystemExit(f"{','.join(variants)} {mode} {dtype_name} {output} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(variants, mode, dtype_name, output, shape, width, reps, device, threads, timed=True):
+    """Peak memory from one process per variant, times from one process that interleaves them all: the mmap
+    threshold that makes freed buffers leave (so peak RSS is honest) also makes every chunk's allocation
+    fault its pages in again, which in this VM took 2 to 6 times the compute. Peak memory repeats to the
+    page: one run."""
+    rows = {variant: _worker([variant], mode, dtype_name, output, shape, width, 1, device, threads,
+                             {"MALLOC_MMAP_THRESHOLD_": "65536"})[variant] for variant in variants}
     if timed:
-        passes.append((dict(os.environ, PYTHONPATH=root), reps))
-    results = []
-    for env, runs in passes:
-        command = [sys.executable, __file__, "--worker", variant, mode, dtype_name, output, "--shape", *map(str, shape),
-                   "--width", str(width), "--reps", str(runs), "--device", device, "--threads", str(threads)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-        if done.returncode:
-            raise SystemExit(f"{variant} {mode} {dtype_name} {output} failed:\n{done.stderr}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return {**results[0], "seconds": results[-1]["seconds"], "cpu_seconds": results[-1]["cpu_seconds"]}
+        times = _worker(variants, mode, dtype_name, output, shape, width, reps, device, threads, {})
+        for variant, row in rows.items():
+            row.update({key: times[variant][key] for key in ("seconds", "cpu_seconds", "loss")})
+    return rows
 
 
 def cases(width):
@@ -404,14 +417,15 @@ def plot(rows, path, title, variants, width):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", nargs=4, metavar=("VARIANT", "MODE", "DTYPE", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("VARIANTS", "MODE", "DTYPE", "OUTPUT"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", nargs=4, type=int, metavar=("B", "S", "N", "V"), default=None,
                         help="default 4 1024 4 4096, or 4 256 4 32000 with --width 0")
     parser.add_argument("--width", type=int, default=None, help="D of the latents (default V/8); 0: logits given")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                         help="default: loop, ours, ours+overwrite, fused, native (loop+del instead of the last two "
                              "with --width 0)")
-    parser.add_argument("--reps", type=int, default=5, help="measured runs per variant (after one warm-up)")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="measured rounds, each running every variant once (after one warm-up round)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per worker (0: torch's default); 1 keeps a shared machine's load from "
@@ -426,23 +440,24 @@ def main():
     if args.width is None:
         args.width = args.shape[3] // 8
     if args.worker:
-        run_worker(*args.worker, args.shape, args.width, args.reps, args.device, args.threads)
+        variant_list, *case = args.worker
+        run_worker(variant_list.split(","), *case, args.shape, args.width, args.reps, args.device, args.threads)
         return
     if args.quick:
         args.reps = 3
     variants = args.variants or (["loop", "ours", "ours+overwrite", "fused", "native"] if args.width
                                  else ["loop", "loop+del", "ours", "ours+overwrite"])
 
-    def run(variant, mode, dtype_name, output, shape, timed=True):
-        print(f"  {mode:7s} {dtype_name} {output:10s} {variant:15s} B={shape[0]:<3d}", end="", file=sys.stderr,
-              flush=True)
-        row = measure(variant, mode, dtype_name, output, shape, args.width, args.reps, args.device, args.threads,
-                      timed)
-        print(f" peak {row['peak_L']:.2f} L, {row['seconds'] * 1e3:.0f} ms, CPU {row['cpu_seconds'] * 1e3:.0f} ms",
-              file=sys.stderr)
-        return {"mode": mode, "dtype": dtype_name, "output": output, "variant": variant, **row}
+    def run(run_variants, mode, dtype_name, output, shape, timed=True):
+        measured = measure(run_variants, mode, dtype_name, output, shape, args.width, args.reps, args.device,
+                           args.threads, timed)
+        for variant, row in measured.items():
+            print(f"  {mode:7s} {dtype_name} {output:16s} {variant:15s} B={shape[0]:<3d} peak {row['peak_L']:.2f} L, "
+                  f"{row['seconds'] * 1e3:.0f} ms, CPU {row['cpu_seconds'] * 1e3:.0f} ms", file=sys.stderr)
+        return [{"mode": mode, "dtype": dtype_name, "output": output, "variant": variant, **row}
+                for variant, row in measured.items()]
 
-    rows = [run(variant, *case, args.shape) for case in cases(args.width) for variant in variants]
+    rows = [row for case in cases(args.width) for row in run(variants, *case, args.shape)]
     for row in rows:
         row["same"] = same = {r["variant"]: r for r in rows
                               if (r["mode"], r["dtype"], r["output"]) == (row["mode"], row["dtype"], row["output"])}
@@ -458,8 +473,8 @@ def main():
         doubled = [args.shape[0] * 2, *args.shape[1:]]
         derived = [r for r in rows if (r["mode"], r["dtype"], r["output"]) == ("train", "bf16", "weighted")]
         for row in derived:
-            derive_batch(row, run(row["variant"], "train", "bf16", "weighted", doubled, timed=False), args.shape,
-                         args.width)
+            derive_batch(row, run([row["variant"]], "train", "bf16", "weighted", doubled, timed=False)[0],
+                         args.shape, args.width)
         for row in derived:
             ours = next((r for r in derived if r["variant"] == "ours"), derived[0])
             row["batch_ratio"] = row["max_batch"] / ours["max_batch"]
