@@ -68,10 +68,8 @@ __all__ = ["compute_mtp_ce_loss_from_hidden"]
 
 # A bf16 chunk holds its logits and their fp32 exponentials (3 bytes for each 1 of L): 1/128 of
 # the logits per chunk keeps the loss's own memory near 0.03 L. Every chunk reads the whole
-# unembedding and adds to its whole gradient, so few rows starve the matmuls (measured on CPU:
-# 32-row chunks took 1.9x the time of 256-row ones); on small batches the floor wins. An fp32 or
-# fp64 chunk is exponentiated in place (1 byte for each 1 of L), so its floor is twice bf16's:
-# fp32 at 512 rows took 3 to 6% less time than at 256; bf16 at 384 or 512 gained nothing.
+# unembedding and adds to its whole gradient, so fewer than 256 rows starve the matmuls (measured
+# on CPU: 32-row chunks took 1.9x the time of 256-row ones); on small batches the floor wins.
 _FUSED_CHUNK_FRACTION = 128
 _FUSED_MIN_ROWS = 256
 # A bf16 product joins the unembedding's fp32 gradient in this many blocks of the vocabulary.
@@ -107,7 +105,7 @@ def compute_mtp_ce_loss_from_hidden(
         weight: ``[V, D]`` unembedding shared by the heads, ``hidden``'s dtype and device.
         bias: ``None`` or ``[V]``.
         chunk_size: rows (batch x positions) per chunk; ``None``: 1/128 of the logits, at
-            least 256 rows (512 in fp32 and fp64).
+            least 256 rows.
 
     Under FSDP2, call it where the unembedding is unsharded (inside the forward of the
     module that owns it): outside, ``weight`` is a sharded DTensor.
@@ -419,8 +417,7 @@ def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t
 def _positions_per_chunk(hidden, chunk_size) -> int:
     batch, seq, n_heads, _ = hidden.shape
     if chunk_size is None:
-        floor = _FUSED_MIN_ROWS * (2 if hidden.dtype == _compute_dtype(hidden) else 1)
-        chunk_size = max(batch * seq * n_heads // _FUSED_CHUNK_FRACTION, floor)
+        chunk_size = max(batch * seq * n_heads // _FUSED_CHUNK_FRACTION, _FUSED_MIN_ROWS)
     return max(1, chunk_size // max(batch, 1))
 
 
