@@ -519,26 +519,31 @@ def test_torch_compile_model_and_loss():
         torch.testing.assert_close(compiled[name], grad, atol=1e-12, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize(("objective", "with_weights"), [
+    *((name, True) for name in OBJECTIVES),
+    ("per_head", False),  # the fused loss's per-head backward, which reads the heads' factors
+])
 @pytest.mark.parametrize("loss", ["logits", "fused"])
-def test_both_losses_compile_with_fullgraph_and_match_eager(loss, objective):
+def test_both_losses_compile_with_fullgraph_and_match_eager(loss, objective, with_weights):
     """No graph break (the label-range check is an assert op when traced); fp64 values and every gradient."""
     logits, labels, attention_mask, weights = make_batch(2, 6, 3, 7, seed=4, mask_dtype=torch.float64,
                                                          mask_values="soft")
     hidden, weight, bias = unembedding(2, 6, 3, 7, 4, seed=4, strided=True)
     if loss == "logits":
-        def loss_fn(y, x, m, w):
+        def loss_fn(y, x, m, w=None):
             return compute_mtp_ce_loss(x, y, m, w, chunk_size=5)
-        inputs = (logits, attention_mask, weights)
+        inputs = (logits, attention_mask)
     else:
-        def loss_fn(y, h, u, b, m, w):
+        def loss_fn(y, h, u, b, m, w=None):
             return compute_mtp_ce_loss_from_hidden(h, u, y, m, w, bias=b, chunk_size=5)
-        inputs = (hidden, weight, bias, attention_mask, weights)
+        inputs = (hidden, weight, bias, attention_mask)
+    inputs += (weights,) if with_weights else ()
 
     def outputs_and_grads(fn):
         leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
         out = fn(labels, *leaves)
-        grads = torch.autograd.grad(OBJECTIVES[objective](out), leaves, allow_unused=True)
+        grads = torch.autograd.grad({**OBJECTIVES, "per_head": _per_head_sum}[objective](out), leaves,
+                                    allow_unused=True)
         return out, [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads, strict=True)]
 
     torch._dynamo.reset()

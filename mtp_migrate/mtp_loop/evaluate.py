@@ -94,7 +94,8 @@ class LoopEvaluator(ExpressionEvaluator):
     def _unbound_heads(self, loop: cst.For) -> bool:
         """``for k, logits_k in enumerate(logits.unbind(2))``: the heads of the logits, ``k`` from 0 and
         ``logits_k`` the whole of head ``k + 1`` (``unbind(dim=2)`` too); or ``zip(range(...), logits.unbind(2))``
-        with ``k`` as the range gives it (see ``_heads``). Binds the loop's state."""
+        with ``k`` as the range gives it (see ``_heads``). Binds the loop's state; False for another header, a
+        ``Refusal`` (as ``_heads`` raises) for such a zip over a range it cannot read."""
         unbound = m.Arg(keyword=None, star="", value=m.Call(func=m.Attribute(attr=m.Name("unbind")),
                                                              args=[m.Arg(star="")]))
         enumerated = m.Call(func=m.Name("enumerate"), args=[unbound])

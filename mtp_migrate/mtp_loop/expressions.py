@@ -631,7 +631,7 @@ class ExpressionEvaluator:
         """The cross-entropy once a gather of log-probabilities is squeezed and negated (as nll_loss is): on the
         labels the loop gathers at (``clamp_min(0)`` included), no one of which is ignore_index where it returns."""
         if gathered.log_probs and gathered.squeezed and gathered.negated:
-            return self._per_token_loss(gathered.logits, gathered.labels, None, node, _GATHERED)
+            return self._per_token_loss(gathered.logits, gathered.labels, None, node, gathered=True)
         return gathered
 
     def _check_keywords(self, keywords: dict, allowed: set[str]) -> Literal["none", "sum"]:
@@ -644,8 +644,10 @@ class ExpressionEvaluator:
             raise Refusal(Code.REDUCTION, "a reduction other than the literal 'none' or 'sum'")
         return reduction
 
-    def _per_token_loss(self, logits, labels, ignore, node, rows=_CALL_ROWS) -> Tokens:
-        """The cross-entropy of each row of ``logits`` (laid out as a key of ``rows``) at its label."""
+    def _per_token_loss(self, logits, labels, ignore, node, gathered=False) -> Tokens:
+        """The cross-entropy of each row of ``logits`` at its label: as ``cross_entropy`` reads them, or, ``gathered``,
+        as a gather of log-probabilities at the labels does."""
+        rows = _GATHERED if gathered else _CALL_ROWS
         if not (isinstance(logits, View) and isinstance(labels, View)):
             raise Refusal(Code.HEAD_INDEXING, f"`{code(node)}` is not on a slice of the logits and of the labels")
         if logits.layout is Layout.HEAD_SLICE:
@@ -659,7 +661,7 @@ class ExpressionEvaluator:
             raise Refusal(Code.VALUE_CAST, f"`{code(node)}` changes the logits' values")
         if ignore is not None:
             self._outer(ignore)
-        found = CrossEntropy(logits, labels, ignore, "-100" if ignore is None else code(ignore), rows is _GATHERED)
+        found = CrossEntropy(logits, labels, ignore, "-100" if ignore is None else code(ignore), gathered)
         if self.cross_entropy not in (None, found):
             raise Refusal(Code.CROSS_ENTROPY_ARGUMENTS, "two different cross-entropies in one loop")
         self.cross_entropy = found
@@ -765,7 +767,7 @@ class ExpressionEvaluator:
                           (*a.shape_checks, *b.shape_checks))
         if isinstance(node.operator, cst.Subtract) and isinstance(left, LogSumExp) and isinstance(right, Gathered) \
                 and not right.log_probs and right.squeezed and right.logits == left.logits:
-            return self._per_token_loss(left.logits, right.labels, None, node, _GATHERED)
+            return self._per_token_loss(left.logits, right.labels, None, node, gathered=True)
         if isinstance(node.operator, cst.Divide) and isinstance(left, Total):
             if isinstance(right, Total):
                 return Ratio(left, right)
