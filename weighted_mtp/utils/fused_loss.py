@@ -37,10 +37,12 @@ forward; keeping the softmax instead would cost L / n. Keeping ``m`` parts apart
 least ``n - m`` heads: time about ``T_forward * (1 + 2 (n - m) / (3 n))``, memory
 ``(m - 1) * V * D * 4`` more bytes. At B=4 S=1024 n=4 V=4096 D=512 in fp32, one part is 0.031 L.
 The loss peaks at 0.19 L and half of native's peak is 0.26 L, so at most two more parts fit
-(m = 3). That still re-walks one head, about 1.17x the forward, and the forward alone takes
-about as long as native's three matmuls. So ``<= 1.0x`` native time at ``<= 0.5x`` its memory
-is out of reach there for distinct factors. This module keeps one sum (m = 1): memory stays the
-same for every output, and distinct factors cost n - 1 heads' re-walk (benchmarks/results/).
+(m = 3, 0.25 L). That still re-walks one head, about 1.17x the forward, and the forward alone
+does the three matmul passes native's ``reduction="sum"`` does, in 0.86x to 0.92x its time
+(interleaved runs): about 1.0x to 1.08x native, at the edge of the memory target and not under
+the time one. So ``<= 1.0x`` native time at ``<= 0.5x`` its memory is out of reach there for
+distinct factors. This module keeps one sum (m = 1): memory stays the same for every output,
+and distinct factors cost n - 1 heads' re-walk (benchmarks/results/).
 
 A second backward under ``retain_graph`` recomputes too. Measured against torch's own per head
 (``benchmarks/bench_loss.py``, README): memory and time in the README's table.
