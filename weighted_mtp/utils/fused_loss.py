@@ -9,7 +9,10 @@ with ordinary tensor ops, so autograd gives the weights and a floating mask thei
 
 Gradients: as in Liger-Kernel, Cut Cross-Entropy and torch's ``F.linear_cross_entropy``, the
 forward pass computes ``(softmax - onehot) * coef`` from the chunk it already holds, for every
-output whose per-token coefficients ``coef`` are known then, and backward only scales them:
+output whose per-token coefficients ``coef`` are known then, and backward only scales them. The
+softmax part meets the matmuls in the input dtype and the one-hot part is added after them,
+exactly, except in rows where the target's probability is above 1/2: there it is subtracted first,
+so that a bf16 rounding errs by at most min(p, 1 - p) of a row where the logits path errs by 1 - p.
 
 - without ``weights``, all three outputs: the weighted and the unweighted loss then share their
   coefficients (mask over count) up to one factor, the per-head losses up to a factor ``f_k`` per
@@ -21,7 +24,7 @@ output whose per-token coefficients ``coef`` are known then, and backward only s
   DeepSeek-V3's ``lambda / n * sum_k L_k``) re-walks nothing, ``[1, l, l, l]`` one head, and n
   distinct factors n - 1 heads. For bf16 latents, rescaling their bf16 gradient would round it
   twice, so a head whose factor is not a power of two (or 0) has its rows recomputed too, with the
-  same chunk's logits (a uniform factor of 1, 2, 4, ... costs nothing).
+  same chunk's logits (a uniform factor of 1, 2, 4, ... costs nothing); fp16 rows for any factor but 1.
 - with ``weights``, the weighted loss (the one pipelines train), scaled in backward by one factor for
   every head: bf16 latents' rows are recomputed, as above, when it is not a power of two (a loss times
   0.3 had a larger error than the logits path's when rescaled). A gradient that reaches the
@@ -293,8 +296,10 @@ def _per_head_backward(hidden, weight, bias, targets, positions, grads, coeffici
         value = factors[k - 1]
         rows = None
         if grad_hidden is not None:
-            mantissa = math.frexp(value)[0]
-            if exact_scaling or mantissa in (0.0, 0.5, -0.5):  # fp32/fp64, or a power of two: scaled exactly
+            # fp32/fp64, or a power of two in bf16: scaled exactly. fp16's narrow range has its small entries
+            # rounded to subnormals at the forward's scale, where a loss scaler's 1024 x would have kept them.
+            if exact_scaling or (math.frexp(value)[0] in (0.0, 0.5, -0.5) if hidden.dtype == torch.bfloat16
+                                 else value in (0.0, 1.0)):
                 if value != 1:
                     grad_hidden[:, :, k - 1].mul_(value)
             else:
@@ -344,6 +349,14 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
             ce[k - 1, :, t0:t1] = (exp_sum.log().add_(peak).squeeze(-1) - target_logit).view(batch, t1 - t0)
         if grads is None:
             continue
+        # The one-hot part is subtracted exactly after the matmuls, except in rows whose target has p > 1/2:
+        # there it comes off first (exps becomes sum * (softmax - onehot)), as a small difference whose terms
+        # are rounded to bf16 apart keeps the error of the whole term (confident predictions had 2 to 10 times
+        # the logits path's error). A row's rounding error is then at most min(p, 1 - p) of it; the logits
+        # path's is 1 - p.
+        folded = exps.gather(-1, target).mul_(2) > exp_sum
+        exps.scatter_add_(-1, target, torch.where(folded, -exp_sum, 0))
+        low = exps if logits.dtype == compute_dtype else logits.copy_(exps)
         if heads is None:
             parts = [(grads, coefficients)]
         else:
@@ -355,7 +368,8 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
         for part, part_coefficients in parts:
             if part_coefficients is not None:
                 coef = part_coefficients[k - 1, :, t0:t1].reshape(-1, 1)
-                _accumulate(part, weight, rows, exps, logits, target, coef, coef / exp_sum, k, t0, t1)
+                _accumulate(part, weight, rows, exps, low, target, coef.masked_fill(folded, 0), coef / exp_sum,
+                            k, t0, t1)
 
 
 def _chunk_logits(hidden, weight, bias, k, t0, t1):
@@ -383,12 +397,13 @@ def _zero_grads(hidden, weight, bias, needs):
 
 def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t1):
     """Add one chunk's ``(softmax - onehot) * coef`` to ``grads``, as ``exps * exp_coef - onehot * coef``:
-    ``exps`` (compute dtype) is ``exp(logits - max)``, never normalised in place, and ``exp_coef`` is
-    ``coef`` over its row's sum.
+    ``exps`` (compute dtype) is ``exp(logits - max)``, never normalised in place, less the one-hot part
+    times the row's sum in rows where it came off already (their ``coef`` here is 0), and ``exp_coef`` is
+    the row's coefficient over that sum.
 
-    The softmax part meets the unembedding and the latents in matmuls of their dtype (``low``, the
-    chunk's logits buffer, takes its copy: for bf16 the fast kernels, on CPU several times fp32's speed)
-    with the coefficients on the narrow ``[rows, D]`` side. The one-hot part is added exactly in the
+    ``exps`` meets the unembedding and the latents in matmuls of their dtype (``low``, the chunk's logits
+    buffer, holds its copy: for bf16 the fast kernels, on CPU several times fp32's speed) with the
+    coefficients on the narrow ``[rows, D]`` side. The rest of the one-hot part is added exactly in the
     compute dtype, as are the sums over chunks, and each gradient is rounded to the input dtype once:
     a bf16 gradient lands nearer fp64 than the logits path's, which rounds ``(softmax - onehot) * coef``
     to bf16 before its matmuls.
@@ -397,7 +412,6 @@ def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t
     index = target.squeeze(-1)
     if grad_bias is not None:
         grad_bias.addmv_(exps.T, exp_coef.squeeze(-1)).index_add_(0, index, coef.squeeze(-1), alpha=-1)
-    low = exps if low.dtype == exps.dtype else low.copy_(exps)
     if grad_weight is not None:
         rows = rows.to(coef.dtype)
         if low.dtype == coef.dtype:
