@@ -264,7 +264,14 @@ class _HiddenCrossEntropy(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if grad_ce is None and factor is None:  # no gradient reached any output
             return (None,) * 7
-        if grads is not None and grad_ce is None:  # only carriers: scale what forward computed, per head
+        if grads is not None and grad_ce is None:  # only carriers: scale what forward computed
+            if grad_heads is None and hidden.dtype == _compute_dtype(hidden):
+                # One factor, rescaled on the device: reading it (per head, the low-precision rules) would
+                # cost every backward a host sync.
+                for grad in grads:
+                    if grad is not None:
+                        grad.mul_(grad_carrier)
+                return _returned(grads, weight, bias)
             return _returned(_per_head_backward(hidden, weight, bias, targets, ctx.positions, grads, coefficients,
                                                 factor), weight, bias)
         # One pass for every output (adding to a precomputed bf16 gradient would round twice).
