@@ -197,23 +197,48 @@ def test_a_scaled_weighted_loss_walks_again_only_bf16_rows_a_rescaling_would_rou
         assert all(sums is None for _, sums in walks[1].values())  # the unembedding's sum is only rescaled
 
 
-@pytest.mark.parametrize(("objective", "with_weights", "confident"), [
-    ("weighted", True, False), ("mix", True, False),  # precomputed; recomputed (unweighted, per-head with weights)
-    ("unweighted", False, False), ("per_head", False, False), ("mix", False, False),  # scaled; per head: recomputed
-    ("weighted_times_0.3", True, False), ("weighted_times_0.3", False, False), ("unweighted_times_0.3", False, False),
-    ("per_head_uniform", False, False), ("per_head_first", False, False), ("per_head_zeros_and_powers", False, False),
+def _targets_at(hidden, weight, bias, labels, low, high, seed):
+    """``hidden`` with each head's latent moved along its target's unembedding row until the target's
+    probability is a value drawn from ``[low, high]`` per token (bisection in fp64)."""
+    hidden = hidden.clone()
+    gen = torch.Generator().manual_seed(seed)
+    seq, heads = hidden.shape[1:3]
+    for k in range(1, heads + 1):
+        target_row = weight[labels[:, k:].clamp_min(0)]
+        base = hidden[:, :seq - k, k - 1] / 2
+        p = low + (high - low) * torch.rand(target_row.shape[:2], generator=gen, dtype=hidden.dtype)
+        lo, hi = torch.full_like(p, -3.0), torch.full_like(p, 8.0)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            probs = ((mid[..., None] * target_row + base) @ weight.T + bias).softmax(-1)
+            up = probs.gather(-1, labels[:, k:].clamp_min(0)[..., None]).squeeze(-1) < p
+            lo, hi = torch.where(up, mid, lo), torch.where(up, hi, mid)
+        hidden[:, :seq - k, k - 1] = (lo + hi)[..., None] / 2 * target_row + base
+    return hidden
+
+
+@pytest.mark.parametrize(("objective", "with_weights", "regime"), [
+    ("weighted", True, None), ("mix", True, None),  # precomputed; recomputed (unweighted, per-head with weights)
+    ("unweighted", False, None), ("per_head", False, None), ("mix", False, None),  # scaled; per head: recomputed
+    ("weighted_times_0.3", True, None), ("weighted_times_0.3", False, None), ("unweighted_times_0.3", False, None),
+    ("per_head_uniform", False, None), ("per_head_first", False, None), ("per_head_zeros_and_powers", False, None),
     # a model sure of many of its targets (p near 1): the one-hot part must come off before the rounding there
-    ("weighted", True, True), ("unweighted", False, True), ("mix", True, True),
+    ("weighted", True, "confident"), ("unweighted", False, "confident"), ("mix", True, "confident"),
+    # every target's p in [0.4, 0.7], where both paths round about the same p - 1
+    ("weighted", True, "near_half"), ("unweighted", False, "near_half"),
 ])
-def test_bf16_error_no_worse_than_logits_path(objective, with_weights, confident):
+def test_bf16_error_no_worse_than_logits_path(objective, with_weights, regime):
     """Against fp64 on the same bf16 values, the fused error must not exceed the logits path's.
 
     The errors are pooled over four batches: one batch's gradient error moves by a few percent with
     where its roundings land, and the fused loss's margin (each gradient rounded once, the one-hot
-    part exact where p <= 1/2) is about 10%; the logits path's own structure, the former fused loss's,
+    part exact where p <= 2/5) is about 10%; the logits path's own structure, the former fused loss's,
     ties it. ``confident``: each head's latent moved toward its target's unembedding row by a factor
     drawn from [0, 4] per token (losses from about 0 to 6): with the one-hot part subtracted after the
     rounding everywhere, the unembedding's gradient had 1.6x the logits path's squared error.
+    ``near_half``: the latents' gradient had up to 1.11x the logits path's while the coefficients
+    were rounded on the latents' side; the unembedding's is the known gap (docs/semantics.md): its
+    bf16 products are rounded once per chunk, where the logits path's single matmul rounds once.
     """
     objectives = {**OBJECTIVES, "per_head": _per_head_sum,
                   # a loss scaled by a factor that is not a power of two (a lambda, 1 / accumulation steps):
@@ -225,7 +250,9 @@ def test_bf16_error_no_worse_than_logits_path(objective, with_weights, confident
     for seed in range(11, 15):
         _, labels, attention_mask, weights = make_batch(2, 64, 4, 512, seed=seed)
         hidden, weight, bias = unembedding(2, 64, 4, 512, 64, seed=seed)
-        if confident:
+        if regime == "near_half":
+            hidden = _targets_at(hidden, weight, bias, labels, 0.4, 0.7, seed)
+        if regime == "confident":
             pull = torch.rand(2, 64, 4, 1, generator=torch.Generator().manual_seed(seed), dtype=hidden.dtype) * 4
             for k in range(1, 5):
                 hidden[:, :-k, k - 1] = pull[:, :-k, k - 1] * weight[labels[:, k:].clamp_min(0)] + hidden[:, :-k, k - 1] / 2
@@ -244,7 +271,8 @@ def test_bf16_error_no_worse_than_logits_path(objective, with_weights, confident
             for key, value in runs[name].items():
                 squared[name, key] = squared.get((name, key), 0) + (value - runs["exact"][key]).square().sum()
     for key in (*OUTPUTS, "hidden", "weight"):
-        assert squared["ours", key] <= squared["loop", key], key
+        gap = 1.15 if key == "weight" and regime == "near_half" else 1  # measured 1.00x to 1.11x, 16 seeds
+        assert squared["ours", key] <= squared["loop", key] * gap, key
     # The bias's 512 elements are rounded once by both paths, from fp32 sums that differ below bf16's
     # resolution, so which rounding lands nearer is chance: measured 0.92x to 1.08x of the loop's.
     assert squared["ours", "bias"] <= squared["loop", "bias"] * 1.1**2

@@ -11,8 +11,12 @@ Gradients: as in Liger-Kernel, Cut Cross-Entropy and torch's ``F.linear_cross_en
 forward pass computes ``(softmax - onehot) * coef`` from the chunk it already holds, for every
 output whose per-token coefficients ``coef`` are known then, and backward only scales them. The
 softmax part meets the matmuls in the input dtype and the one-hot part is added after them,
-exactly, except in rows where the target's probability is above 1/2: there it is subtracted first,
-so that a bf16 rounding errs by at most min(p, 1 - p) of a row where the logits path errs by 1 - p.
+exactly, except in rows where the target's probability is above 2/5: there it is subtracted first,
+and the row is rounded as the logits path rounds it (a confident row's small ``p - 1`` would
+otherwise keep the rounding error of ``p``). The bf16 unembedding's gradient is rounded once per
+chunk (a CPU bf16 matmul writes bf16) before joining an fp32 sum, where the logits path's one
+matmul rounds once: on batches where nearly every target has p >= 2/5, that costs it up to
+1.11x the logits path's squared error (docs/semantics.md); elsewhere its error is below.
 
 - without ``weights``, all three outputs: the weighted and the unweighted loss then share their
   coefficients (mask over count) up to one factor, the per-head losses up to a factor ``f_k`` per
@@ -356,14 +360,15 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
             ce[k - 1, :, t0:t1] = (exp_sum.log().add_(peak).squeeze(-1) - target_logit).view(batch, t1 - t0)
         if grads is None:
             continue
-        # The one-hot part is subtracted exactly after the matmuls, except in rows whose target has p > 1/2:
+        # The one-hot part is subtracted exactly after the matmuls, except in rows whose target has p > 2/5:
         # there it comes off first (exps becomes sum * (softmax - onehot)), as a small difference whose terms
         # are rounded to bf16 apart keeps the error of the whole term (confident predictions had 2 to 10 times
-        # the logits path's error). A row's rounding error is then at most min(p, 1 - p) of it; the logits
-        # path's is 1 - p.
-        folded = exps.gather(-1, target).mul_(2) > exp_sum
+        # the logits path's error). Such a row is rounded as the logits path rounds it; another errs by p of
+        # its target's term where the logits path errs by 1 - p. Not 1/2: the latents' gradient of a row
+        # whose one-hot part comes off after is rounded twice (the product, then the sum), a loss from 0.41.
+        folded = exps.gather(-1, target).mul_(5) > exp_sum * 2
         exps.scatter_add_(-1, target, torch.where(folded, -exp_sum, 0))
-        low = exps if logits.dtype == compute_dtype else logits.copy_(exps)
+        low = exps if logits.dtype == compute_dtype else logits  # the input dtype's copy, made per part
         if heads is None:
             parts = [(grads, coefficients)]
         else:
@@ -372,10 +377,11 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
                 parts = [(grads, rows_coefficients)]
             else:
                 parts = [((grads[0], None, None), rows_coefficients), ((None, *grads[1:]), sums_coefficients)]
-        for part, part_coefficients in parts:
+        for i, (part, part_coefficients) in enumerate(parts):
             if part_coefficients is not None:
                 coef = part_coefficients[k - 1, :, t0:t1].reshape(-1, 1)
-                _accumulate(part, weight, rows, exps, low, target, coef.masked_fill(folded, 0), coef / exp_sum,
+                spent = exps if low is exps or i == len(parts) - 1 else exps.clone()  # bf16 scales it in place
+                _accumulate(part, weight, rows, spent, low, target, coef.masked_fill(folded, 0), coef / exp_sum,
                             k, t0, t1)
 
 
@@ -408,32 +414,38 @@ def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t
     times the row's sum in rows where it came off already (their ``coef`` here is 0), and ``exp_coef`` is
     the row's coefficient over that sum.
 
-    ``exps`` meets the unembedding and the latents in matmuls of their dtype (``low``, the chunk's logits
-    buffer, holds its copy: for bf16 the fast kernels, on CPU several times fp32's speed) with the
-    coefficients on the narrow ``[rows, D]`` side. The rest of the one-hot part is added exactly in the
-    compute dtype, as are the sums over chunks, and each gradient is rounded to the input dtype once:
-    a bf16 gradient lands nearer fp64 than the logits path's, which rounds ``(softmax - onehot) * coef``
-    to bf16 before its matmuls.
+    ``exps`` meets the unembedding and the latents in matmuls of their dtype. In fp32/fp64 ``low`` is
+    ``exps`` itself and the coefficients go on the narrow ``[rows, D]`` side. In bf16/fp16 ``low`` (the
+    chunk's logits buffer: the fast kernels, on CPU several times fp32's speed) receives ``exps * exp_coef``
+    over a power of two ``top`` (``exps`` is scaled in place), so each element is rounded once, as the
+    logits path rounds its gradient, and the latents meet the matmuls unrounded; ``top`` (exact to
+    undo) keeps fp16's range. The rest of
+    the one-hot part is added exactly in the compute dtype, as are the sums over chunks, and each gradient
+    is rounded to the input dtype once: a bf16 gradient lands nearer fp64 than the logits path's, which
+    rounds ``(softmax - onehot) * coef`` to bf16 before its matmuls.
     """
     grad_hidden, grad_weight, grad_bias = grads
     index = target.squeeze(-1)
     if grad_bias is not None:
         grad_bias.addmv_(exps.T, exp_coef.squeeze(-1)).index_add_(0, index, coef.squeeze(-1), alpha=-1)
+    if low is exps:
+        rows_scale = exp_coef
+    else:  # |exps| < 1.5 (p > 2/5 where the one-hot part came off) and |exp_coef| < top: in fp16's range
+        top = torch.ldexp(torch.ones_like(exp_coef[:1, 0]), torch.frexp(exp_coef.abs().amax()).exponent)
+        low.copy_(exps.mul_(exp_coef / top))  # in place: a multiply into bf16 took 9x a cast's time on CPU
+        rows_scale = top
     if grad_weight is not None:
-        rows = rows.to(coef.dtype)
-        if low.dtype == coef.dtype:
+        if low is exps:
             grad_weight.addmm_(low.T, rows * exp_coef)
-        else:  # scaled into [-1, 1] first: fp16's range would flush small coefficients
-            top = exp_coef.abs().amax().clamp_min(torch.finfo(coef.dtype).tiny)
-            scaled = (rows * (exp_coef / top)).to(low.dtype)
+        else:
             # A few blocks of the vocabulary: the bf16 product is cast to join the fp32 sum, and a whole
             # [V, D] one would cost two buffers that size (and a fresh allocation per chunk).
             block = -(-low.shape[1] // _WEIGHT_BLOCKS)
             for start in range(0, low.shape[1], block):
-                grad_weight[start:start + block].addcmul_(low[:, start:start + block].T @ scaled, top)
-        grad_weight.index_add_(0, index, rows * coef, alpha=-1)
+                grad_weight[start:start + block].addcmul_(low[:, start:start + block].T @ rows, top)
+        grad_weight.index_add_(0, index, rows.to(coef.dtype) * coef, alpha=-1)
     if grad_hidden is not None:
-        chunk_grad = (low @ weight).to(coef.dtype).mul_(exp_coef).sub_(weight[index] * coef)
+        chunk_grad = (low @ weight).to(coef.dtype).mul_(rows_scale).sub_(weight[index] * coef)
         grad_hidden[:, t0:t1, k - 1, :] = chunk_grad.view(grad_hidden.shape[0], t1 - t0, -1)
 
 
