@@ -299,31 +299,36 @@ def _per_head_backward(hidden, weight, bias, targets, positions, grads, coeffici
     live = max(0, min(targets.shape[0], hidden.shape[2], hidden.shape[1] - 1))  # heads with positions
     factors = factor.tolist()
     base = max(factors[:live], key=factors[:live].count) if live else 0.0  # the first of the most common
-    plan = {}  # head -> (coefficients for hidden's rows, for the unembedding and bias), None where not walked
-    hidden_pending = coefficients * factor[:, None, None]
-    weight_pending = hidden_pending if base == 0 else coefficients * (factor - base)[:, None, None]
-    exact_scaling = grad_hidden is not None and hidden.dtype == _compute_dtype(hidden)
+    walks = {}  # head -> (recompute hidden's rows, recompute its part of the unembedding's and bias's sums)
     for k in range(1, live + 1):
         value = factors[k - 1]
-        rows = None
-        if grad_hidden is not None:
-            # fp32/fp64, or a power of two in bf16: scaled exactly. fp16's narrow range has its small entries
-            # rounded to subnormals at the forward's scale, where a loss scaler's 1024 x would have kept them.
-            if exact_scaling or (math.frexp(value)[0] in (0.0, 0.5, -0.5) if hidden.dtype == torch.bfloat16
-                                 else value in (0.0, 1.0)):
-                if value != 1:
-                    grad_hidden[:, :, k - 1].mul_(value)
-            else:
-                rows = hidden_pending
-        sums = weight_pending if value != base and (grad_weight is not None or grad_bias is not None) else None
-        if rows is not None or sums is not None:
-            plan[k] = (rows, sums)
+        rows = grad_hidden is not None and not _rescales_exactly(hidden.dtype, value)
+        if grad_hidden is not None and not rows and value != 1:
+            grad_hidden[:, :, k - 1].mul_(value)
+        sums = value != base and (grad_weight is not None or grad_bias is not None)
+        if rows or sums:
+            walks[k] = (rows, sums)
     for grad in (grad_weight, grad_bias):
         if grad is not None and base != 1:
             grad.mul_(base)
-    if plan:
+    if walks:
+        hidden_pending = coefficients * factor[:, None, None]
+        weight_pending = hidden_pending if base == 0 else coefficients * (factor - base)[:, None, None]
+        plan = {k: (hidden_pending if rows else None, weight_pending if sums else None)
+                for k, (rows, sums) in walks.items()}
         _chunk_pass(hidden, weight, bias, targets, positions, grads, None, heads=plan)
     return grads
+
+
+def _rescales_exactly(dtype, value) -> bool:
+    """Whether a gradient precomputed in ``dtype`` and scaled by ``value`` equals one computed at that scale:
+    always in fp32/fp64, for powers of two (and 0) in bf16. fp16's narrow range had its small entries rounded
+    to subnormals at the forward's scale, where a loss scaler's 1024 x would have kept them: only 1 and 0."""
+    if dtype == torch.bfloat16:
+        return math.frexp(value)[0] in (0.0, 0.5, -0.5)
+    if dtype == torch.float16:
+        return value in (0.0, 1.0)
+    return True
 
 
 def _returned(grads, weight, bias):
