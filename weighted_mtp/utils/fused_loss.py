@@ -354,6 +354,7 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
     for k, t0, t1 in _chunks(hidden, targets.shape[0], positions):
         if heads is not None and k not in heads:
             continue
+        rows = logits = exps = low = None  # the last chunk's buffers go before this one's exist (peak: one chunk)
         rows, logits = _chunk_logits(hidden, weight, bias, k, t0, t1)
         target = targets[k - 1, :, t0:t1].reshape(-1, 1)
         if ce is not None:
