@@ -424,11 +424,9 @@ def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t
     ``exps`` itself and the coefficients go on the narrow ``[rows, D]`` side. In bf16/fp16 ``low`` (the
     chunk's logits buffer: the fast kernels, on CPU several times fp32's speed) receives ``exps * exp_coef``
     over a power of two ``top`` (``exps`` is scaled in place), so each element is rounded once, as the
-    logits path rounds its gradient, and the latents meet the matmuls unrounded; ``top`` (exact to
-    undo) keeps fp16's range. The rest of
-    the one-hot part is added exactly in the compute dtype, as are the sums over chunks, and each gradient
-    is rounded to the input dtype once: a bf16 gradient lands nearer fp64 than the logits path's, which
-    rounds ``(softmax - onehot) * coef`` to bf16 before its matmuls.
+    logits path rounds its gradient, and the latents meet the matmuls unrounded; ``top``, exact to undo,
+    keeps fp16's range. The rest of the one-hot part is added exactly in the compute dtype, as are the
+    sums over chunks, and each gradient is rounded to the input dtype once.
     """
     grad_hidden, grad_weight, grad_bias = grads
     index = target.squeeze(-1)
