@@ -16,7 +16,7 @@ and the row is rounded as the logits path rounds it (a confident row's small ``p
 otherwise keep the rounding error of ``p``). The bf16 unembedding's gradient is rounded once per
 chunk (a CPU bf16 matmul writes bf16) before joining an fp32 sum, where the logits path's one
 matmul rounds once: on batches where nearly every target has p >= 2/5, that costs it up to
-1.11x the logits path's squared error (docs/semantics.md); elsewhere its error is below.
+1.12x the logits path's squared error (1.14x in fp16; docs/semantics.md).
 
 - without ``weights``, all three outputs: the weighted and the unweighted loss then share their
   coefficients (mask over count) up to one factor, the per-head losses up to a factor ``f_k`` per
@@ -293,8 +293,10 @@ def _per_head_backward(hidden, weight, bias, targets, positions, grads, coeffici
     """The precomputed gradients for head ``k``'s coefficients times ``factor[k]``, re-walking only the heads
     whose factor differs: the unembedding's and the bias's sums over heads ``S`` become ``base * S`` plus
     ``(factor[k] - base) * A_k`` for each head ``k`` whose factor is not ``base`` (the most common factor),
-    ``A_k`` recomputed; ``hidden``'s rows are scaled per head, except a bf16 head whose factor is not a power
-    of two (a second rounding): its rows are recomputed, with the same chunk's logits."""
+    ``A_k`` recomputed with forward's coefficients (so with forward's roundings, which then cancel: the head's
+    part is rounded as if computed at ``factor[k]``) and scaled; ``hidden``'s rows are scaled per head, except
+    a bf16 head whose factor is not a power of two (a second rounding): its rows are recomputed, with the same
+    chunk's logits."""
     grad_hidden, grad_weight, grad_bias = grads
     live = max(0, min(targets.shape[0], hidden.shape[2], hidden.shape[1] - 1))  # heads with positions
     factors = factor.tolist()
@@ -313,10 +315,9 @@ def _per_head_backward(hidden, weight, bias, targets, positions, grads, coeffici
             grad.mul_(base)
     if walks:
         hidden_pending = coefficients * factor[:, None, None]
-        weight_pending = hidden_pending if base == 0 else coefficients * (factor - base)[:, None, None]
-        plan = {k: (hidden_pending if rows else None, weight_pending if sums else None)
+        plan = {k: (hidden_pending if rows else None, factors[k - 1] - base if sums else None)
                 for k, (rows, sums) in walks.items()}
-        _chunk_pass(hidden, weight, bias, targets, positions, grads, None, heads=plan)
+        _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, heads=plan)
     return grads
 
 
@@ -347,8 +348,8 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
     ``(softmax - onehot) * coefficients`` to them. Both passes compute the softmax with the same ops, so
     a gradient recomputed in backward equals the one computed in forward bit for bit.
 
-    ``heads``: walk only these heads, ``{k: (coefficients for hidden's rows, coefficients for the
-    unembedding's and the bias's sums)}``, either ``None`` (that gradient left as it is for head ``k``)."""
+    ``heads``: walk only these heads, ``{k: (coefficients for hidden's rows, a factor for the unembedding's and
+    the bias's sums at ``coefficients``)}``, either ``None`` (that gradient left as it is for head ``k``)."""
     batch = hidden.shape[0]
     compute_dtype = _compute_dtype(hidden)
     for k, t0, t1 in _chunks(hidden, targets.shape[0], positions):
@@ -370,25 +371,21 @@ def _chunk_pass(hidden, weight, bias, targets, positions, grads, coefficients, c
         # there it comes off first (exps becomes sum * (softmax - onehot)), as a small difference whose terms
         # are rounded to bf16 apart keeps the error of the whole term (confident predictions had 2 to 10 times
         # the logits path's error). Such a row is rounded as the logits path rounds it; another errs by p of
-        # its target's term where the logits path errs by 1 - p. Not 1/2: the latents' gradient of a row
-        # whose one-hot part comes off after is rounded twice (the product, then the sum), a loss from 0.41.
+        # its target's term where the logits path errs by 1 - p. Not 1/2: the latents' gradient of a row whose
+        # one-hot part comes off after is rounded twice (the product, then the sum), no better from about 0.4.
         folded = exps.gather(-1, target).mul_(5) > exp_sum * 2
         exps.scatter_add_(-1, target, torch.where(folded, -exp_sum, 0))
         low = exps if logits.dtype == compute_dtype else logits  # the input dtype's copy, made per part
         if heads is None:
-            parts = [(grads, coefficients)]
-        else:
-            rows_coefficients, sums_coefficients = heads[k]
-            if rows_coefficients is sums_coefficients:
-                parts = [(grads, rows_coefficients)]
-            else:
-                parts = [((grads[0], None, None), rows_coefficients), ((None, *grads[1:]), sums_coefficients)]
-        for i, (part, part_coefficients) in enumerate(parts):
-            if part_coefficients is not None:
-                coef = part_coefficients[k - 1, :, t0:t1].reshape(-1, 1)
-                spent = exps if low is exps or i == len(parts) - 1 else exps.clone()  # bf16 scales it in place
-                _accumulate(part, weight, rows, spent, low, target, coef.masked_fill(folded, 0), coef / exp_sum,
-                            k, t0, t1)
+            parts = [(grads, coefficients, 1.0)]
+        else:  # hidden's rows at their own coefficients; the sums at forward's, scaled
+            rows_coefficients, sums_scale = heads[k]
+            parts = [((grads[0], None, None), rows_coefficients, 1.0), ((None, *grads[1:]), coefficients, sums_scale)]
+            parts = [part for part in parts if part[1] is not None and part[2] is not None]
+        for i, (part, part_coefficients, scale) in enumerate(parts):
+            coef = part_coefficients[k - 1, :, t0:t1].reshape(-1, 1)
+            spent = exps if low is exps or i == len(parts) - 1 else exps.clone()  # bf16 scales it in place
+            _accumulate(part, weight, rows, spent, low, target, folded, coef, coef / exp_sum, scale, k, t0, t1)
 
 
 def _chunk_logits(hidden, weight, bias, k, t0, t1):
@@ -414,40 +411,45 @@ def _zero_grads(hidden, weight, bias, needs):
     )
 
 
-def _accumulate(grads, weight, rows, exps, low, target, coef, exp_coef, k, t0, t1):
-    """Add one chunk's ``(softmax - onehot) * coef`` to ``grads``, as ``exps * exp_coef - onehot * coef``:
-    ``exps`` (compute dtype) is ``exp(logits - max)``, never normalised in place, less the one-hot part
-    times the row's sum in rows where it came off already (their ``coef`` here is 0), and ``exp_coef`` is
-    the row's coefficient over that sum.
+def _accumulate(grads, weight, rows, exps, low, target, folded, coef, exp_coef, scale, k, t0, t1):
+    """Add one chunk's ``(softmax - onehot) * coef`` to ``grads`` (times ``scale`` for the unembedding's and the
+    bias's), as ``exps * exp_coef - onehot * coef``: ``exps`` (compute dtype) is ``exp(logits - max)``, never
+    normalised, less the one-hot part times the row's sum in the ``folded`` rows, where it came off already,
+    and ``exp_coef`` is the row's coefficient over that sum.
 
     ``exps`` meets the unembedding and the latents in matmuls of their dtype. In fp32/fp64 ``low`` is
-    ``exps`` itself and the coefficients go on the narrow ``[rows, D]`` side. In bf16/fp16 ``low`` (the
-    chunk's logits buffer: the fast kernels, on CPU several times fp32's speed) receives ``exps * exp_coef``
-    over a power of two ``top`` (``exps`` is scaled in place), so each element is rounded once, as the
-    logits path rounds its gradient, and the latents meet the matmuls unrounded; ``top``, exact to undo,
-    keeps fp16's range. The rest of the one-hot part is added exactly in the compute dtype, as are the
-    sums over chunks, and each gradient is rounded to the input dtype once.
+    ``exps`` itself and the coefficients go on the narrow ``[rows, D]`` side. In bf16/fp16, ``low`` is the
+    chunk's logits buffer (the fast kernels, on CPU several times fp32's speed), and the two kinds of row are
+    rounded differently: a folded row's coefficient goes into ``exps`` before its rounding (``exps`` is
+    scaled in place), so the row is rounded as the logits path rounds it and its latents stay exact; another
+    row keeps ``exps`` as it is (its largest entry, 1, exact) with the coefficient on the latents' side, and
+    the one-hot part exact. A power of two ``top``, exact to undo, keeps either in fp16's range. The sums
+    over chunks are kept in the compute dtype and each gradient is rounded to the input dtype once.
     """
     grad_hidden, grad_weight, grad_bias = grads
     index = target.squeeze(-1)
+    coef = coef.masked_fill(folded, 0)  # the one-hot part still to come off
     if grad_bias is not None:
-        grad_bias.addmv_(exps.T, exp_coef.squeeze(-1)).index_add_(0, index, coef.squeeze(-1), alpha=-1)
+        grad_bias.addmv_(exps.T, exp_coef.squeeze(-1), alpha=scale).index_add_(0, index, coef.squeeze(-1),
+                                                                               alpha=-scale)
     if low is exps:
-        rows_scale = exp_coef
-    else:  # |exps| < 1.5 (p > 2/5 where the one-hot part came off) and |exp_coef| < top: in fp16's range
+        rows_scale = latents = exp_coef
+    else:  # |exps| < 1.5 (a folded row's sum is below 2.5 times its target's term) and |exp_coef| < top
         top = torch.ldexp(torch.ones_like(exp_coef[:1, 0]), torch.frexp(exp_coef.abs().amax()).exponent)
-        low.copy_(exps.mul_(exp_coef / top))  # in place: a multiply into bf16 took 9x a cast's time on CPU
-        rows_scale = top
+        latents = torch.where(folded, 1.0, exp_coef / top)
+        low.copy_(exps.mul_(torch.where(folded, exp_coef / top, 1.0)))  # in place: into bf16 took 9x a cast's time
+        rows_scale = latents * top
     if grad_weight is not None:
         if low is exps:
-            grad_weight.addmm_(low.T, rows * exp_coef)
+            grad_weight.addmm_(low.T, rows * latents, alpha=scale)
         else:
+            latents = (rows * latents).to(low.dtype)
             # A few blocks of the vocabulary: the bf16 product is cast to join the fp32 sum, and a whole
             # [V, D] one would cost two buffers that size (and a fresh allocation per chunk).
             block = -(-low.shape[1] // _WEIGHT_BLOCKS)
             for start in range(0, low.shape[1], block):
-                grad_weight[start:start + block].addcmul_(low[:, start:start + block].T @ rows, top)
-        grad_weight.index_add_(0, index, rows.to(coef.dtype) * coef, alpha=-1)
+                grad_weight[start:start + block].addcmul_(low[:, start:start + block].T @ latents, top * scale)
+        grad_weight.index_add_(0, index, rows.to(coef.dtype) * coef, alpha=-scale)
     if grad_hidden is not None:
         chunk_grad = (low @ weight).to(coef.dtype).mul_(rows_scale).sub_(weight[index] * coef)
         grad_hidden[:, t0:t1, k - 1, :] = chunk_grad.view(grad_hidden.shape[0], t1 - t0, -1)
