@@ -433,17 +433,18 @@ def _accumulate(grads, weight, rows, exps, low, target, folded, coef, exp_coef, 
         grad_bias.addmv_(exps.T, exp_coef.squeeze(-1), alpha=scale).index_add_(0, index, coef.squeeze(-1),
                                                                                alpha=-scale)
     if low is exps:
-        rows_scale = latents = exp_coef
+        rows_factor = rows_scale = exp_coef  # each row's factor on the latents' side, and for hidden's product
     else:  # |exps| < 1.5 (a folded row's sum is below 2.5 times its target's term) and |exp_coef| < top
-        top = torch.ldexp(torch.ones_like(exp_coef[:1, 0]), torch.frexp(exp_coef.abs().amax()).exponent)
-        latents = torch.where(folded, 1.0, exp_coef / top)
-        low.copy_(exps.mul_(torch.where(folded, exp_coef / top, 1.0)))  # in place: into bf16 took 9x a cast's time
-        rows_scale = latents * top
+        top = torch.ldexp(exp_coef.new_ones(()), torch.frexp(exp_coef.abs().amax()).exponent)
+        scaled = exp_coef / top
+        rows_factor = torch.where(folded, 1.0, scaled)
+        low.copy_(exps.mul_(torch.where(folded, scaled, 1.0)))  # in place: into bf16 took 9x a cast's time
+        rows_scale = rows_factor * top
     if grad_weight is not None:
         if low is exps:
-            grad_weight.addmm_(low.T, rows * latents, alpha=scale)
+            grad_weight.addmm_(low.T, rows * rows_factor, alpha=scale)
         else:
-            latents = (rows * latents).to(low.dtype)
+            latents = (rows * rows_factor).to(low.dtype)
             # A few blocks of the vocabulary: the bf16 product is cast to join the fp32 sum, and a whole
             # [V, D] one would cost two buffers that size (and a fresh allocation per chunk).
             block = -(-low.shape[1] // _WEIGHT_BLOCKS)
